@@ -1,0 +1,181 @@
+"""CIFAR-10 as uint8 tensors, decoded once and cached.
+
+Sources: torchvision's checksummed download, or `path`: an image-folder tree
+(`train/<class>/*`, `test/<class>/*`) or a .tar / .tar.gz / .zip of one. Archives are read
+in memory, never extracted, so a hostile entry name cannot write outside the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from resnet_lightning.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
+SPLITS = ("train", "test")
+# Bumped whenever the cache layout changes, so stale caches are rebuilt rather than misread.
+CACHE_VERSION = 2
+
+
+@dataclass
+class CifarArrays:
+    """Images as (N, 32, 32, 3) uint8, HWC like torchvision's CIFAR10.data; labels as int64."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+
+
+def load_cifar10(root: str | os.PathLike, path: str | os.PathLike | None = None) -> CifarArrays:
+    """Return CIFAR-10 from the cache under `root`, building the cache on first use."""
+    root = Path(root).expanduser()
+    cache = root / f"cifar10-{_source_key(path)}.pt"
+    if cache.exists():
+        try:
+            return CifarArrays(**torch.load(cache, weights_only=True, mmap=True))
+        except Exception as err:  # a cache from another version or a broken disk: rebuild it
+            cache.unlink(missing_ok=True)
+            print(f"rebuilding unreadable cache {cache} ({err})")
+    arrays = _read_torchvision(root) if path is None else _read_image_tree(Path(path))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    try:
+        torch.save(vars(arrays), tmp)
+        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    finally:
+        tmp.unlink(missing_ok=True)
+    return arrays
+
+
+def _source_key(path: str | os.PathLike | None) -> str:
+    if path is None:
+        return f"torchvision-v{CACHE_VERSION}"
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise DataError(
+            f"data.path={path} does not exist; point data.path at a CIFAR-10 image-folder tree "
+            "or archive, or set data.path=null to download CIFAR-10 into data.root"
+        )
+    stat = path.stat()
+    ident = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
+    return f"{path.name.split('.')[0]}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def _read_torchvision(root: Path) -> CifarArrays:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(str(root), train=True, download=True)
+        test = CIFAR10(str(root), train=False, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise DataError(
+            f"CIFAR-10 is not in {root} and downloading it failed ({err}); point data.path at a "
+            "copy: an image-folder tree (train/<class>/*, test/<class>/*) or a .tar/.tar.gz/.zip "
+            "of one, e.g. data.path=/data/cifar10-jpeg.tar.gz"
+        ) from err
+    return CifarArrays(
+        train_images=torch.from_numpy(train.data),
+        train_labels=torch.tensor(train.targets),
+        test_images=torch.from_numpy(test.data),
+        test_labels=torch.tensor(test.targets),
+        classes=list(train.classes),
+    )
+
+
+def _read_image_tree(path: Path) -> CifarArrays:
+    """Decode every image of a tree or archive, keyed by the split and class folders."""
+    images: dict[str, list[tuple[str, str, bytes]]] = {split: [] for split in SPLITS}
+    try:
+        for name, data in _iter_files(path):
+            parts = PurePosixPath(name).parts
+            if PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            # The split folder may sit under a top folder (cifar10/train/cat/0001.jpg).
+            for i, part in enumerate(parts[:-2]):
+                if part in SPLITS:
+                    images[part].append((parts[i + 1], name, data))
+                    break
+        classes = sorted({cls for cls, _, _ in images["train"]})
+        if not classes or not images["test"]:
+            raise DataError(
+                f"{path} has no train/<class>/<image> and test/<class>/<image> files; "
+                "point data.path at a CIFAR-10 image-folder tree or an archive of one"
+            )
+        index = {cls: i for i, cls in enumerate(classes)}
+        arrays = {}
+        for split in SPLITS:
+            # Sorted, then a fixed shuffle: the same order on every machine, and classes mixed
+            # as in the original batches, so a run limited to a few test batches sees them all.
+            entries = sorted(images[split], key=lambda e: e[1])
+            order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(0))
+            entries = [entries[i] for i in order]
+            unknown = {cls for cls, _, _ in entries} - index.keys()
+            if unknown:
+                raise DataError(f"{path}: test classes {sorted(unknown)} are not in train")
+            arrays[f"{split}_images"] = torch.stack([_decode(n, d) for _, n, d in entries])
+            arrays[f"{split}_labels"] = torch.tensor([index[cls] for cls, _, _ in entries])
+    except (
+        tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, UnidentifiedImageError, OSError
+    ) as err:
+        raise DataError(
+            f"could not read {path}: {err}; the file is corrupt or incomplete, copy it again"
+        ) from err
+    return CifarArrays(**arrays, classes=classes)
+
+
+def _decode(name: str, data: bytes) -> torch.Tensor:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.size != (32, 32):
+        raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32")
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
+
+
+def _iter_files(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(relative posix name, bytes) of every regular file in a folder or an archive."""
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.is_file():
+                yield file.relative_to(path).as_posix(), file.read_bytes()
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.is_dir():
+                    yield _safe_name(path, info.filename), archive.read(info)
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            for member in archive:
+                if member.issym() or member.islnk():
+                    raise DataError(
+                        f"{path} holds a link ({member.name}); links are refused in data "
+                        "archives, repack it with plain files"
+                    )
+                if member.isfile():
+                    yield _safe_name(path, member.name), archive.extractfile(member).read()
+    else:
+        raise DataError(
+            f"could not read {path}: not a folder, .tar, .tar.gz or .zip (corrupt or incomplete?); "
+            "copy it again or point data.path at an image-folder tree"
+        )
+
+
+def _safe_name(archive: Path, name: str) -> str:
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts:
+        raise DataError(
+            f"{archive} holds an unsafe entry {name!r} (absolute path or '..'); "
+            "refusing to read it, repack the archive with relative paths"
+        )
+    return posix.as_posix()

@@ -1,0 +1,101 @@
+"""The LightningModule: loss, metrics and optimizer wiring around any image classifier."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+SPLITS = ("train", "val", "test")
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class ImageClassifier(L.LightningModule):
+    """Trains `net` with cross-entropy; logs loss, top-1 and top-5 accuracy per split.
+
+    Args:
+        net: any module mapping images to class logits.
+        optimizer: builds the optimizer from parameters (a Hydra `_partial_`).
+        scheduler: builds the LR scheduler from the optimizer, or None. A scheduler with a
+            `total_steps` argument left unset (OneCycleLR) is sized from the Trainer's real
+            number of optimizer steps.
+        scheduler_interval: "epoch" or "step": how often the scheduler steps.
+        num_classes: size of the classifier output, for the metrics.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
+        # The network and factories are rebuilt from the run's Hydra config, not pickled here.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        accuracy = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes >= 5:
+            accuracy["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        accuracy = MetricCollection(accuracy)
+        # Keyed "<split>_" because ModuleDict keys may not shadow Module methods like train().
+        self.metrics = nn.ModuleDict({f"{s}_": accuracy.clone(prefix=f"{s}/") for s in SPLITS})
+        self.mean_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in SPLITS})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics, mean_loss = self.metrics[f"{split}_"], self.mean_loss[f"{split}_"]
+        metrics.update(logits, labels)
+        mean_loss.update(loss, weight=len(labels))
+        if split == "train":
+            self.log("train/loss", loss, prog_bar=True)  # every step
+            self.log("train/loss_epoch", mean_loss, on_step=False, on_epoch=True)
+        else:
+            self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if _needs_total_steps(self.scheduler_factory):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        interval = self.hparams.scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def _needs_total_steps(factory: Callable) -> bool:
+    given = getattr(factory, "keywords", {})
+    params = inspect.signature(factory).parameters
+    return "total_steps" in params and given.get("total_steps") is None

@@ -1,0 +1,103 @@
+"""Shared fixtures: real CIFAR-10 images, the real configs and the real CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(REPO / "conf")
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_image_archive(path: Path, train_per_class: int = 20, test_per_class: int = 5) -> Path:
+    """A small CIFAR-shaped image-folder archive of PNGs, for machines without the real copy."""
+    generator = torch.Generator().manual_seed(0)
+    with tarfile.open(path, "w:gz") as archive:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for label, cls in enumerate(CLASSES):
+                for i in range(count):
+                    # Class-dependent colour plus noise, so a network can learn something.
+                    base = torch.full((32, 32, 3), 20 * label, dtype=torch.int16)
+                    noise = torch.randint(0, 60, (32, 32, 3), generator=generator, dtype=torch.int16)
+                    pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, format="PNG")
+                    info = tarfile.TarInfo(f"cifar/{split}/{cls}/{i:04d}.png")
+                    info.size = buffer.tell()
+                    buffer.seek(0)
+                    archive.addfile(info, buffer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(tmp_path_factory) -> Path:
+    """The real CIFAR-10 (JPEG copy) when it lies beside the checkout, else a generated one."""
+    if SHARED_CIFAR.exists():
+        return SHARED_CIFAR
+    return make_image_archive(tmp_path_factory.mktemp("archive") / "cifar-generated.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory, cifar_archive) -> Path:
+    """A cache folder, filled once per session so later runs load in a moment."""
+    from resnet_lightning.cifar import load_cifar10
+
+    root = tmp_path_factory.mktemp("data")
+    load_cifar10(root, cifar_archive)
+    return root
+
+
+@pytest.fixture
+def data_overrides(data_root, cifar_archive) -> list[str]:
+    return [f"data.root={data_root}", f"data.path={cifar_archive}"]
+
+
+def compose_config(overrides: list[str] = ()):
+    """The real conf/ composed as the CLI would, minus Hydra's runtime-only keys."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True):
+    """`python -m resnet_lightning ARGS` in a subprocess, as a user runs it."""
+    # The tests name their data explicitly, whatever the caller's environment says.
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_lightning", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+# Small CPU settings shared by the end-to-end tests: 2 epochs of 3 batches.
+TINY = [
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+]

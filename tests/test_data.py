@@ -1,0 +1,143 @@
+"""The data path on real CIFAR-10 images: sources, cache, split, transforms and errors."""
+
+from __future__ import annotations
+
+import tarfile
+import time
+import zipfile
+
+import pytest
+import torch
+from conftest import SHARED_CIFAR, make_image_archive
+
+from resnet_lightning.cifar import load_cifar10
+from resnet_lightning.datamodule import CifarDataModule
+from resnet_lightning.errors import DataError
+
+
+def test_archive_decodes_to_cifar_shapes(data_root, cifar_archive):
+    arrays = load_cifar10(data_root, cifar_archive)
+    assert arrays.train_images.dtype == torch.uint8
+    assert arrays.train_images.shape[1:] == (32, 32, 3)
+    assert arrays.classes[0] == "airplane" and len(arrays.classes) == 10
+    counts = arrays.train_labels.bincount()
+    assert len(counts) == 10 and (counts == counts[0]).all()  # balanced classes
+    if cifar_archive == SHARED_CIFAR:
+        assert arrays.train_images.shape[0] == 50_000 and arrays.test_images.shape[0] == 10_000
+        # The channel means the data README measured on this copy.
+        mean = arrays.train_images.float().mean((0, 1, 2)) / 255
+        torch.testing.assert_close(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=2e-4, rtol=0)
+
+
+def test_cache_is_reused_and_fast(data_root, cifar_archive):
+    caches = list(data_root.glob("cifar10-*.pt"))
+    assert len(caches) == 1
+    stamp = caches[0].stat().st_mtime_ns
+    start = time.perf_counter()
+    arrays = load_cifar10(data_root, cifar_archive)
+    assert time.perf_counter() - start < 5  # a cache hit, not a decode (~10 s on the real set)
+    assert caches[0].stat().st_mtime_ns == stamp
+    assert arrays.test_labels.shape[0] == arrays.test_images.shape[0]
+
+
+def test_folder_tree_and_zip_give_the_same_arrays(tmp_path):
+    archive = make_image_archive(tmp_path / "small.tar.gz", train_per_class=3, test_per_class=2)
+    tree = tmp_path / "tree"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    zipped = tmp_path / "small.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        for file in sorted(tree.rglob("*.png")):
+            z.writestr(file.relative_to(tree).as_posix(), file.read_bytes())
+    ref = load_cifar10(tmp_path / "c1", archive)
+    for source, cache in ((tree, "c2"), (zipped, "c3")):
+        other = load_cifar10(tmp_path / cache, source)
+        assert torch.equal(ref.train_images, other.train_images)
+        assert torch.equal(ref.test_labels, other.test_labels)
+        assert ref.classes == other.classes
+
+
+def test_corrupt_archive_is_a_clear_error_and_leaves_no_cache(tmp_path, cifar_archive):
+    truncated = tmp_path / "broken.tar.gz"
+    truncated.write_bytes(cifar_archive.read_bytes()[: 200_000])
+    root = tmp_path / "cache"
+    with pytest.raises(DataError, match="corrupt or incomplete"):
+        load_cifar10(root, truncated)
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_offline_without_data_says_where_it_looked(tmp_path):
+    with pytest.raises(DataError, match="data.path") as err:
+        load_cifar10(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(err.value)
+    assert not list((tmp_path / "empty").glob("cifar10-*.pt"))
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar10(tmp_path, tmp_path / "nope.tar.gz")
+
+
+def test_unsafe_archive_entries_are_refused(tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../train/cat/0.png")
+        tar.addfile(info)
+    with pytest.raises(DataError, match="unsafe entry"):
+        load_cifar10(tmp_path / "cache", evil)
+    linked = tmp_path / "link.tar"
+    with tarfile.open(linked, "w") as tar:
+        info = tarfile.TarInfo("train/cat/0.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(DataError, match="link"):
+        load_cifar10(tmp_path / "cache", linked)
+
+
+def make_datamodule(data_root, cifar_archive, **kwargs) -> CifarDataModule:
+    dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_seeded_validation_split(data_root, cifar_archive):
+    n_train = len(load_cifar10(data_root, cifar_archive).train_labels)
+    val_size = n_train // 10
+    a = make_datamodule(data_root, cifar_archive, val_size=val_size)
+    b = make_datamodule(data_root, cifar_archive, val_size=val_size)
+    c = make_datamodule(data_root, cifar_archive, val_size=val_size, split_seed=1)
+    assert len(a.val_dataloader().dataset) == val_size
+    assert len(a.train_dataloader().dataset) == n_train - val_size
+    assert not set(a.train_index.tolist()) & set(a.val_index.tolist())
+    assert torch.equal(a.val_index, b.val_index) and not torch.equal(a.val_index, c.val_index)
+    # val_size=0 validates on the test set.
+    d = make_datamodule(data_root, cifar_archive, val_size=0)
+    assert len(d.val_dataloader().dataset) == len(d.arrays.test_labels)
+
+
+def test_batches_are_normalized_and_resized(data_root, cifar_archive):
+    dm = make_datamodule(data_root, cifar_archive, batch_size=64, val_size=100)
+    images, labels = next(iter(dm.val_dataloader()))
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    assert abs(images.mean().item()) < 0.3 and 0.7 < images.std().item() < 1.3
+    big = make_datamodule(
+        data_root, cifar_archive, batch_size=4, image_size=224, normalization="imagenet"
+    )
+    images, _ = next(iter(big.train_dataloader()))
+    assert images.shape == (4, 3, 224, 224)
+
+
+def test_train_augmentation_changes_images_eval_does_not(data_root, cifar_archive):
+    dm = make_datamodule(data_root, cifar_archive, val_size=100)
+    train = dm.train_dataloader().dataset
+    torch.manual_seed(0)
+    views = torch.stack([train[0][0] for _ in range(8)])
+    assert not all(torch.equal(views[0], v) for v in views[1:])
+    val = dm.val_dataloader().dataset
+    assert torch.equal(val[0][0], val[0][0])
+
+
+def test_wrong_class_count_is_a_clear_error(data_root, cifar_archive):
+    with pytest.raises(DataError, match="set data.num_classes=10"):
+        CifarDataModule(root=str(data_root), path=str(cifar_archive), num_classes=100).setup()

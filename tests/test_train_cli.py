@@ -1,0 +1,123 @@
+"""End to end through the real CLI and configs: a tiny run, a multirun, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, TINY, compose_config, run_cli
+from hydra.utils import instantiate
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+METRIC_KEYS = {"test/acc", "test/acc_top5", "test/loss", "val/acc", "epochs", "wall_time_s"}
+
+
+def scalar_tags(run_dir) -> set[str]:
+    tags = set()
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    run_cli(["model=resnet18", *TINY, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["epochs"] == 2 and metrics["steps"] == 6
+    assert 0.0 <= metrics["test/acc"] <= metrics["test/acc_top5"] <= 1.0
+    assert metrics["params"] == 11_173_962  # ResNet-18, CIFAR stem, 10 classes
+
+    tags = scalar_tags(run_dir)
+    expected = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_top5", "test/acc"}
+    assert expected <= tags, tags
+    assert any(tag.startswith("lr-SGD") for tag in tags), tags
+
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert metrics["best_checkpoint"].startswith(str(run_dir / "checkpoints"))
+    saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert saved["model"]["name"] == "resnet18"
+
+
+def test_multirun_gives_one_complete_directory_per_job(tmp_path, data_overrides):
+    sweep_dir = tmp_path / "sweep"
+    run_cli(
+        ["-m", "model=resnet18", "optimizer.lr=0.1,0.05", *TINY, *data_overrides,
+         "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO,
+    )
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").exists())
+    assert len(jobs) == 2, list(sweep_dir.iterdir())
+    lrs = set()
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text()).keys() >= METRIC_KEYS
+        lrs.add(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"])
+        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+    assert lrs == {0.1, 0.05}
+
+
+def test_missing_data_is_one_line_and_nonzero(tmp_path):
+    result = run_cli(
+        ["trainer=cpu", f"data.root={tmp_path}/empty", f"data.path={tmp_path}/missing.tar.gz",
+         f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.path=")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_bad_batch_size_is_one_line_and_nonzero(tmp_path, data_overrides):
+    result = run_cli(
+        ["trainer=cpu", "data.batch_size=0", *data_overrides, f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "data.batch_size=0 must be positive" in result.stderr
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = compose_config()
+    assert cfg.model.name == "resnet50" and cfg.model.stem == "cifar"
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
+    assert cfg.scheduler.milestones == [30, 60, 90] and cfg.scheduler.gamma == 0.1
+    assert cfg.data.batch_size == 128 and cfg.trainer.max_epochs == 100
+    seed = compose_config(["experiment=seed_resnet50"])
+    assert seed.model.stem == "imagenet" and seed.data.image_size == 224
+    assert seed.data.normalization == "imagenet"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("scheduler", ["multistep", "cosine", "onecycle", "none"])
+def test_every_optimizer_and_scheduler_config_builds(optimizer, scheduler):
+    cfg = compose_config([f"optimizer={optimizer}", f"scheduler={scheduler}"])
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = instantiate(cfg.optimizer)(params)
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    if scheduler == "none":
+        assert cfg.scheduler is None
+        return
+    factory = instantiate(cfg.scheduler)
+    kwargs = {"total_steps": 10} if scheduler == "onecycle" else {}
+    lr_scheduler = factory(opt, **kwargs)
+    opt.step()
+    lr_scheduler.step()
+    assert cfg.module.scheduler_interval == ("step" if scheduler == "onecycle" else "epoch")
+
+
+def test_onecycle_is_sized_from_the_real_step_count(tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    run_cli(
+        ["model=resnet18", "scheduler=onecycle", *TINY, *data_overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+    )
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["lr_schedulers"][0]["total_steps"] == 6  # 2 epochs x 3 batches
