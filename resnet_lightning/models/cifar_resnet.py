@@ -1,0 +1,86 @@
+"""Networks designed for 32 px CIFAR images, all as `ResNet` configurations.
+
+The CIFAR ResNets of He et al. (2016, section 4.2) have three stages of n blocks with
+16/32/64 planes on 32/16/8 px maps; depth = 6n + 2 with basic blocks, 9n + 2 with
+bottlenecks. Wide ResNets multiply those widths, ResNeXt-29 uses grouped bottlenecks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .registry import register, register_variant
+from .resnet import BLOCK_TYPES, HE2016, HE2016_PREACT, XIE2017, ZAGORUYKO2016, Bottleneck, ResNet
+
+
+def cifar_resnet(
+    depth: int,
+    num_classes: int = 10,
+    *,
+    bottleneck: bool = False,
+    preact: bool = False,
+    widen_factor: int = 1,
+    shortcut: str = "A",
+    stem: str = "cifar",
+    **kwargs: Any,
+) -> ResNet:
+    """CIFAR ResNet of `depth` layers; `plain=True` (passed on to ResNet) drops shortcuts."""
+    block = BLOCK_TYPES[bottleneck, preact]
+    convs_per_block = 3 if bottleneck else 2
+    n, rest = divmod(depth - 2, 3 * convs_per_block)
+    if rest or n < 1:
+        raise ValueError(f"depth must be {3 * convs_per_block}n + 2 for this block, got {depth}")
+    widths = [planes * widen_factor for planes in (16, 32, 64)]
+    return ResNet(
+        block, [n] * 3, num_classes, widths=widths, stem=stem, stem_width=16,
+        shortcut=shortcut, **kwargs,
+    )  # fmt: skip
+
+
+# The paper's nets use the parameter-free option A shortcut; plain twins have none.
+for _depth in (20, 32, 44, 56, 110, 1202):
+    register_variant(f"resnet{_depth}", "ResNet (CIFAR)", 32, HE2016, cifar_resnet, _depth)
+for _depth in (20, 32, 44, 56, 110):
+    register_variant(
+        f"plain{_depth}", "Plain (CIFAR)", 32, HE2016, cifar_resnet, _depth, plain=True
+    )
+
+# Identity Mappings uses projection shortcuts where the shape changes.
+for _depth, _bottleneck in ((110, False), (164, True), (1001, True)):
+    register_variant(
+        f"preact_resnet{_depth}", "Pre-act ResNet (CIFAR)", 32, HE2016_PREACT, cifar_resnet,
+        _depth, bottleneck=_bottleneck, preact=True, shortcut="B",
+    )  # fmt: skip
+
+
+@register("Wide ResNet (CIFAR)", 32, ZAGORUYKO2016)
+def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs: Any) -> ResNet:
+    """WRN-depth-k: pre-activation basic blocks, k times wider, dropout between the convs.
+
+    WRN depth counts the three 1x1 projection convs but not the classifier, so it is
+    6n + 4 where the CIFAR ResNet's is 6n + 2.
+    """
+    return cifar_resnet(
+        depth - 2, preact=True, widen_factor=widen_factor, shortcut="B", dropout=dropout,
+        **kwargs,
+    )  # fmt: skip
+
+
+register_variant("wrn28_10", "Wide ResNet (CIFAR)", 32, ZAGORUYKO2016, wrn, 28, 10)
+
+
+def resnext29(
+    cardinality: int, bottleneck_width: int, num_classes: int = 10, **kwargs: Any
+) -> ResNet:
+    """ResNeXt-29 for CIFAR: 3 stages of 3 grouped bottlenecks, 64-px stem width, 1024 out."""
+    kwargs.setdefault("stem", "cifar")
+    return ResNet(
+        Bottleneck, [3, 3, 3], num_classes, widths=(64, 128, 256),
+        groups=cardinality, width_per_group=bottleneck_width, **kwargs,
+    )  # fmt: skip
+
+
+for _cardinality in (8, 16):
+    register_variant(
+        f"resnext29_{_cardinality}x64d", "ResNeXt (CIFAR)", 32, XIE2017, resnext29, _cardinality, 64
+    )

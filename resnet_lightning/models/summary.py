@@ -1,0 +1,55 @@
+"""Parameter and multiply-accumulate counts, and the zoo's markdown table.
+
+Models are built on the meta device, so even the 1202-layer and 224 px ones cost no memory
+and little time: FlopCounterMode counts conv and matmul FLOPs on meta tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .registry import create_model, get_model_info, list_models
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """Multiply-accumulates of one eval-mode forward pass on one image (FLOPs / 2)."""
+    device = next(model.parameters()).device
+    x = torch.zeros(1, 3, input_size, input_size, device=device)
+    was_training = model.training
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def _si(n: int) -> str:
+    return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def markdown_table() -> str:
+    lines = [
+        "Parameters with the natural head: 1000 classes for 224 px (ImageNet) models, 10 for",
+        "32 px (CIFAR) ones. MACs (FLOPs / 2) for one image at the natural size with the default",
+        "stem, and at 32 px with stem=cifar, as the CIFAR configs build them.",
+        "",
+        "| name | family | input | params | MACs | MACs @32 px, stem=cifar | reference |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name in list_models():
+        info = get_model_info(name)
+        num_classes = 10 if info.input_size == 32 else 1000
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes)
+            cifar_model = create_model(name, stem="cifar")
+        lines.append(
+            f"| {name} | {info.family} | {info.input_size} | {count_parameters(model):,} "
+            f"| {_si(count_macs(model, info.input_size))} "
+            f"| {_si(count_macs(cifar_model, 32))} | {info.reference} |"
+        )
+    return "\n".join(lines)
