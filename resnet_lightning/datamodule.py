@@ -12,7 +12,10 @@ from torchvision.transforms import v2
 
 from resnet_lightning.cifar import CifarArrays, load_cifar10
 from resnet_lightning.errors import DataError, UsageError
+from resnet_lightning.resume import EpochSeededSampler, run_seed
+from resnet_lightning.tensor_loader import TensorLoader, intra_op_threads
 
+PIPELINES = ("torchvision", "tensor")
 # Per-channel statistics of the training images, and torchvision's ImageNet ones for
 # networks whose pretrained weights expect them.
 NORMALIZATION = {
@@ -42,6 +45,14 @@ class ImageTensorDataset(Dataset):
         j = int(self.index[i])
         return self.transform(Image.fromarray(self.images[j].numpy())), int(self.labels[j])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # A DataLoader fetches each batch through here. With num_workers=0 that is the training
+        # process, whose intra-op threads are sized for the model: one image's ops are too
+        # small to share, and the threads only contend (10x slower at 224 px on 2 busy cores).
+        # Worker processes already run single-threaded.
+        with intra_op_threads(1):
+            return [self[i] for i in indices]
+
 
 class CifarDataModule(L.LightningDataModule):
     """CIFAR-10 (or any 32 px image-folder data set) with a seeded validation split.
@@ -57,6 +68,12 @@ class CifarDataModule(L.LightningDataModule):
         image_size: 32, or e.g. 224 to resize for ImageNet-style networks.
         normalization: "cifar" or "imagenet" mean/std.
         augment: random crop (padding 4) and horizontal flip for training.
+        cutout: with `augment`, a square of this side (at 32 px) set to the mean colour in
+            each training image (DeVries & Taylor 2017); 0 for none.
+        pipeline: "torchvision" (PIL, one image at a time, in DataLoader workers) or "tensor"
+            (the data set as one uint8 tensor on the training device, batches augmented
+            whole: resnet_lightning.tensor_loader).
+        channels_last: "tensor" pipeline: channels-last batches, for channels-last models.
     """
 
     def __init__(
@@ -72,6 +89,9 @@ class CifarDataModule(L.LightningDataModule):
         image_size: int = 32,
         normalization: str = "cifar",
         augment: bool = True,
+        cutout: int = 0,
+        pipeline: str = "torchvision",
+        channels_last: bool = False,
     ):
         super().__init__()
         if batch_size <= 0:
@@ -85,8 +105,15 @@ class CifarDataModule(L.LightningDataModule):
                 f"data.normalization={normalization!r} is unknown; use one of "
                 f"{', '.join(NORMALIZATION)}"
             )
+        if pipeline not in PIPELINES:
+            raise UsageError(
+                f"data.pipeline={pipeline!r} is unknown; use one of {', '.join(PIPELINES)}"
+            )
+        if not 0 <= cutout < 32:
+            raise UsageError(f"data.cutout={cutout} must be in 0..31 pixels (0: no cutout), e.g. 8")
         self.save_hyperparameters()
         self.arrays: CifarArrays | None = None
+        self._placed: CifarArrays | None = None  # the arrays on the tensor pipeline's device
 
     @property
     def classes(self) -> list[str]:
@@ -127,34 +154,78 @@ class CifarDataModule(L.LightningDataModule):
         if self.hparams.image_size != 32:
             steps.append(v2.Resize(self.hparams.image_size, antialias=True))
         steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if train and self.hparams.augment and self.hparams.cutout:
+            # One square of fixed side (the same fraction of any image size), anywhere inside.
+            area = (self.hparams.cutout / 32) ** 2
+            steps.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
         return v2.Compose(steps)
 
-    def _dataset(self, split: str) -> ImageTensorDataset:
-        a = self.arrays
+    def _split(
+        self, split: str, arrays: CifarArrays
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images, labels and the index of `split` in them (None: all)."""
         if split == "test" or (split == "val" and self.hparams.val_size == 0):
-            return ImageTensorDataset(a.test_images, a.test_labels, self.transform(train=False))
+            return arrays.test_images, arrays.test_labels, None
         index = self.train_index if split == "train" else self.val_index
-        return ImageTensorDataset(
-            a.train_images, a.train_labels, self.transform(split == "train"), index
-        )
+        return arrays.train_images, arrays.train_labels, index
 
-    def _loader(self, split: str) -> DataLoader:
+    def _dataset(self, split: str) -> ImageTensorDataset:
+        images, labels, index = self._split(split, self.arrays)
+        return ImageTensorDataset(images, labels, self.transform(split == "train"), index)
+
+    def tensor_loader(
+        self, split: str, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+    ) -> TensorLoader:
+        """The `pipeline=tensor` loader of a split, its data on `device`; rank `rank` of
+        `world_size` gets its shard of each epoch."""
+        images, labels, index = self._split(split, self._arrays_on(torch.device(device)))
+        train = split == "train"
+        mean, std = NORMALIZATION[self.hparams.normalization]
+        return TensorLoader(
+            images, labels, self.hparams.batch_size, mean, std, index=index,
+            augment=train and self.hparams.augment,
+            cutout=self.hparams.cutout if train and self.hparams.augment else 0,
+            image_size=self.hparams.image_size, channels_last=self.hparams.channels_last,
+            shuffle=train, drop_last=train, seed=run_seed(), rank=rank, world_size=world_size,
+        )  # fmt: skip
+
+    def _arrays_on(self, device: torch.device) -> CifarArrays:
+        # One copy per device, shared by the train, val and test loaders; on the CPU, none.
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._placed is None or self._placed.train_images.device != device:
+            a = self.arrays
+            tensors = (a.train_images, a.train_labels, a.test_images, a.test_labels)
+            self._placed = CifarArrays(*(t.to(device) for t in tensors), a.classes)
+        return self._placed
+
+    def _loader(self, split: str) -> DataLoader | TensorLoader:
+        if self.hparams.pipeline == "tensor":
+            trainer = self.trainer  # the loader needs the device and this process's rank
+            if trainer is None:
+                return self.tensor_loader(split)
+            device = trainer.strategy.root_device
+            return self.tensor_loader(split, device, trainer.global_rank, trainer.world_size)
         workers = self.hparams.num_workers
+        dataset, seed = self._dataset(split), run_seed()
         return DataLoader(
-            self._dataset(split),
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=split == "train",
+            # Shuffled by (seed, epoch) so that a resumed run sees the same batches; the
+            # loader's own generator keeps its draws off the global RNG.
+            sampler=EpochSeededSampler(dataset, seed) if split == "train" else None,
+            generator=torch.Generator().manual_seed(seed),
             drop_last=split == "train",
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("test")

@@ -11,6 +11,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from resnet_lightning.errors import TrainingDivergedError
+
 SPLITS = ("train", "val", "test")
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -28,6 +30,7 @@ class ImageClassifier(L.LightningModule):
         scheduler_interval: "epoch" or "step": how often the scheduler steps.
         num_classes: size of the classifier output, for the metrics.
         label_smoothing: cross-entropy label smoothing.
+        test_time_flip: validate and test on the mean logits of each image and its mirror.
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class ImageClassifier(L.LightningModule):
         scheduler_interval: str = "epoch",
         num_classes: int = 10,
         label_smoothing: float = 0.0,
+        test_time_flip: bool = False,
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -62,6 +66,8 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
+        if split != "train" and self.hparams.test_time_flip:
+            logits = (logits + self(images.flip(-1))) / 2
         loss = self.criterion(logits, labels)
         metrics, mean_loss = self.metrics[f"{split}_"], self.mean_loss[f"{split}_"]
         metrics.update(logits, labels)
@@ -75,7 +81,22 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        self._stop_if_diverged(loss)
+        return loss
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        # Decided on all ranks together, so that every DDP rank stops at the same step instead
+        # of waiting forever in the next all-reduce. The progress bar syncs on the loss anyway.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(loss.isfinite()), all=True)
+        if not finite:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); training stopped there and wrote no metrics: "
+                f"lower optimizer.lr (it is {lr:g}) or clip gradients with "
+                "trainer.gradient_clip_val=1.0"
+            )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -8,36 +8,70 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from resnet_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    RunRecord,
+    check_checkpoint_fits,
+    load_checkpoint_file,
+)
+from resnet_lightning.cli import hydra_job, one_line_errors, process_argv
+from resnet_lightning.config_checks import check_config
 from resnet_lightning.errors import UsageError
+from resnet_lightning.resume import ReseedEachEpoch, resume_checkpoint
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Columns of TensorBoard's HPARAMS tab besides the model, optimizer, scheduler, seed and overrides.
+HPARAM_KEYS = (
+    "model.stem", "data.batch_size", "data.image_size", "data.augment", "module.label_smoothing",
+    "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "trainer.devices",
+)  # fmt: skip
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run as configured; return the metrics written to metrics.json."""
     start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
+    check_config(cfg)
+    resume_path = resume_checkpoint(cfg)
+    seed = L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
+    if (threads := cfg.get("num_threads")) is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise UsageError(f"num_threads={threads!r} must be a positive integer, or null")
+        # OMP_NUM_THREADS too: the DDP ranks Lightning starts inherit it, and it keeps Lightning
+        # from dividing the cores among them by itself.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler else None
     module = instantiate(cfg.module, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+    if resume_path:  # a checkpoint that cannot continue this run stops it before any output
+        check_checkpoint_fits(module, load_checkpoint_file(resume_path), resume_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    callbacks += [RunRecord(resolved), ReseedEachEpoch(seed)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
+    plugins = [AtomicCheckpointIO(), *instantiate(cfg.trainer.get("plugins") or [])]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins
+    )
+    for logger in trainer.loggers:  # the whole config, as the loggers' hparams.yaml
+        logger.log_hyperparams(resolved)
 
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
@@ -57,14 +91,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         _write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
+    log_final_hparams(trainer, cfg, metrics)
     return metrics
 
 
-def find_usage_error(err: BaseException | None) -> UsageError | None:
-    """The UsageError behind `err`, looking through Hydra's InstantiationException wrapper."""
-    while err is not None and not isinstance(err, UsageError):
-        err = err.__cause__
-    return err
+def tensorboard_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """A flat, readable set of hyperparameters: the recipe's main knobs and every command-line
+    or sweep override, so that sweep jobs line up column by column in the HPARAMS tab."""
+    params: dict[str, Any] = {"model": cfg.model.name, "seed": cfg.seed}
+    for group in ("optimizer", "scheduler"):
+        node = cfg.get(group)
+        params[group] = node._target_.rsplit(".", 1)[-1] if node else "none"
+        params |= {f"{group}.{k}": v for k, v in (node or {}).items() if not k.startswith("_")}
+    params |= {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra."):
+            selected = OmegaConf.select(cfg, key, default=value)
+            # A group choice (model=plain56) or a list reads best as written.
+            params[key] = value if isinstance(selected, DictConfig | ListConfig) else selected
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in params.items()}
+
+
+def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """TensorBoard's HPARAMS tab: the run's hyperparameters beside its final metrics (hp/*)."""
+    final = {f"hp/{k.replace('/', '_')}": v for k, v in metrics.items() if not isinstance(v, str)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            # trainer.test closed the writer: this writes a second events file, then closes it.
+            logger.log_hyperparams(tensorboard_hparams(cfg), final, step=trainer.global_step)
+            logger.finalize("success")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -74,15 +132,17 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    try:
+def run(cfg: DictConfig) -> float:
+    """One Hydra job: a run, or one job of a multirun."""
+    # Inside the job too: Hydra would print its own "Error executing job" line before ours.
+    with hydra_job(), one_line_errors():
         metrics = train(cfg)
-    except Exception as err:
-        usage_error = find_usage_error(err)
-        if usage_error is None:
-            raise
-        # Bad input the user can fix: one line, no traceback, non-zero exit.
-        print(f"error: {usage_error}", file=sys.stderr)
-        sys.exit(2)
     # Hydra sweepers (Optuna, ...) optimize the value returned here.
     return metrics[cfg.optimized_metric]
+
+
+def main() -> None:
+    """`python -m resnet_lightning [overrides]`; bad input ends it with one line and exit 2."""
+    sys.argv[1:] = process_argv(sys.argv[1:])
+    with one_line_errors():
+        run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -69,14 +70,24 @@ def compose_config(overrides: list[str] = ()):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def without_callbacks(*keep: str) -> list[str]:
+    """Overrides switching off every configured callback but `keep`, for tests whose subject is
+    not the callbacks: the TensorBoard figures cost more than a tiny run's training."""
+    return [f"callbacks.{name}=null" for name in compose_config().callbacks if name not in keep]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: the tests name their data explicitly, whatever
+    the caller's environment says."""
+    return {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True):
     """`python -m resnet_lightning ARGS` in a subprocess, as a user runs it."""
-    # The tests name their data explicitly, whatever the caller's environment says.
-    env = {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
     result = subprocess.run(
         [sys.executable, "-m", "resnet_lightning", *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,6 +97,28 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True):
             f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:
+    """The CLI's entry point with `args` as its command line, in this process (no interpreter
+    start-up): the exit code and everything written to stderr."""
+    from resnet_lightning.train import main
+
+    monkeypatch.setattr(sys, "argv", ["resnet_lightning", *args])
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    # Lightning's log handlers keep the sys.stderr of import time, a capture pytest has since
+    # closed; the process's own stderr is what they write to outside pytest.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.__stderr__)
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capfd.readouterr().err
 
 
 # Small CPU settings shared by the end-to-end tests: 2 epochs of 3 batches.

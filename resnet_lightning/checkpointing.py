@@ -1,0 +1,160 @@
+"""Checkpoints that survive a kill or a full disk, load without running code, and carry their run.
+
+- `AtomicCheckpointIO`: Lightning's CheckpointIO plugin, writing to a temporary file in the
+  same folder and renaming it, so `last.ckpt` is always either the old or the new complete file.
+- `load_checkpoint_file`: `torch.load(weights_only=True)` with one-line errors for a corrupt
+  file or one that would execute code.
+- `RunRecord`: a callback that stores the run's resolved config and class names in every
+  checkpoint, so `resnet_lightning.eval` rebuilds the model the run trained, not today's defaults.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from torch import nn
+
+from resnet_lightning.errors import UNSAFE_PICKLE, CheckpointError, unsafe_file_message
+
+# Suffix of the temporary files a save writes; one left behind is a save that was killed.
+PARTIAL_SUFFIX = ".partial"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, fsyncs, then renames it into place.
+
+    Lightning's own save goes through fsspec, whose local "transaction" writes the temporary
+    file to /tmp and then copies it over the target when /tmp is another file system: a kill
+    during that copy leaves a truncated checkpoint. Loading always uses `weights_only=True`.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):  # remote storage: Lightning's fsspec path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+            # O_NOFOLLOW: never write through a link planted in the folder; 0o666 & umask
+            # gives the permissions any other file of the run gets.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+            with os.fdopen(os.open(tmp, flags, 0o666), "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())  # the data is on disk before the name points at it
+            os.replace(tmp, path)
+            tmp = None
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports the OSError of a full disk as a RuntimeError.
+            cause = err if isinstance(err, OSError) else err.__context__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointError(
+                    f"the disk is full: could not write checkpoint {path} (nothing partial was "
+                    "left); free space there or point callbacks.model_checkpoint.dirpath at "
+                    "another disk, then continue with resume=auto"
+                ) from err
+            raise
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any = "cpu", weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location)
+
+
+def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code from it (`weights_only=True`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if UNSAFE_PICKLE not in str(err):
+            raise _corrupt(path, err) from err
+        raise CheckpointError(unsafe_file_message(str(path), err)) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        raise _corrupt(path, err) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt file written "
+            "by a run of this framework"
+        )
+    return checkpoint
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    reason = str(err).split(". ")[0].strip() or type(err).__name__
+    return CheckpointError(
+        f"checkpoint {path} is corrupt or incomplete ({reason}); copy it again, or use another "
+        "checkpoint of the run (its checkpoints/ folder keeps the best and last.ckpt)"
+    )
+
+
+def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], path: _PATH) -> None:
+    """Raise a one-line error when the checkpoint's weights are not those of `module`."""
+    own, theirs = module.state_dict(), checkpoint["state_dict"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    mismatched = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    saved = checkpoint.get(RunRecord.CONFIG_KEY, {}).get("model", {}).get("name")
+    built = getattr(getattr(module, "net", module), "model_info", None)
+    built = built.name if built else type(module).__name__
+    if saved and saved != built:
+        raise CheckpointError(
+            f"checkpoint {path} is for model={saved} but this run builds model={built}; pass "
+            f"model={saved} or a checkpoint of {built}"
+        )
+    first = (missing or unexpected or mismatched)[0]
+    raise CheckpointError(
+        f"checkpoint {path} does not fit model={built} as configured ({len(missing)} missing, "
+        f"{len(unexpected)} unexpected, {len(mismatched)} differently shaped weights, e.g. "
+        f"{first}); use the model options the checkpoint was trained with"
+    )
+
+
+def remove_partial_checkpoints(folder: Path) -> None:
+    """Delete the temporary files of saves that were killed before they finished."""
+    for partial in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        partial.unlink(missing_ok=True)
+
+
+class RunRecord(L.Callback):
+    """Stores the run's resolved config and the data set's class names in every checkpoint.
+
+    Args:
+        config: the run's config as plain containers (`OmegaConf.to_container(cfg, resolve=True)`).
+    """
+
+    CONFIG_KEY = "run_config"
+    CLASSES_KEY = "class_names"
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[self.CONFIG_KEY] = self.config
+        classes = getattr(trainer.datamodule, "classes", None)
+        if classes is not None:
+            checkpoint[self.CLASSES_KEY] = list(classes)

@@ -1,0 +1,72 @@
+"""Writing a report: a markdown table with its CSV twin, and figures as PNG, each file whole."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+Row = dict[str, Any]
+
+
+def markdown_table(rows: Sequence[Row], formats: dict[str, Callable[[Any], str]] = ()) -> str:
+    """`rows` as a markdown table; `formats` maps a column to how its values read."""
+    formats = dict(formats)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(column: str, value: Any) -> str:
+        if value is None or value == "":
+            return "—"
+        return formats[column](value) if column in formats else str(value)
+
+    def is_numeric(column: str) -> bool:
+        values = [r.get(column) for r in rows if r.get(column) not in (None, "")]
+        return bool(values) and all(isinstance(v, int | float) for v in values)
+
+    numeric = {c for c in columns if is_numeric(c)}
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(rows: Sequence[Row]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def png_bytes(figure: Figure, dpi: int = 120) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_files(files: dict[Path, str | bytes]) -> list[Path]:
+    """Write every file through a temporary name, so none is ever left half-written."""
+    written = []
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def thousands(value: int) -> str:
+    return f"{value:,}"

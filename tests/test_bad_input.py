@@ -1,0 +1,150 @@
+"""Every kind of bad input ends the run with one `error:` line naming the fix, exit code 2, no
+traceback and no metrics.json or checkpoint. Most go through the CLI's entry point in this
+process (no interpreter start-up); one case runs as a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, run_cli, run_main, without_callbacks
+
+from resnet_lightning.models import create_model
+
+# Batches of 8, one validation and test batch, and no callbacks but the checkpoints.
+FAST = [*TINY, *without_callbacks("model_checkpoint"), "model=resnet20", "data.batch_size=8"]
+FAST += ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+
+
+class RunsCodeWhenLoaded:
+    """What a malicious checkpoint holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def assert_one_line_error(code: int, stderr: str, expected: str, run_dir: Path) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in stderr, stderr
+    assert not (run_dir / "metrics.json").exists()
+    assert not list(run_dir.glob("checkpoints/*"))
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model=resnet999", "model=resnet999 is unknown"),
+        ("model.nonsense=1", "model.nonsense is not an option"),
+        ("+model.nonsense=1", "unexpected keyword argument 'nonsense'"),
+        ("optimizer.lr=0", "optimizer.lr=0 must be positive"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 must be positive"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be positive"),
+        ("trainer.max_epochs=ten", "trainer.max_epochs='ten' must be a number"),
+        ("data.batch_size=-8", "data.batch_size=-8 must be positive"),
+        ("trainer.devices=0", "Trainer(devices=0)"),
+        ("resume=/no/such/last.ckpt", "resume=/no/such/last.ckpt: no such checkpoint file"),
+    ],
+)
+def test_bad_value_is_one_line(override, expected, tmp_path, data_overrides, capfd, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, override, f"hydra.run.dir={run_dir}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert_one_line_error(code, stderr, expected, run_dir)
+
+
+def test_unknown_model_from_the_shell_lists_the_models(tmp_path):
+    result = run_cli(["model=resnet999", f"hydra.run.dir={tmp_path}/run"], cwd=REPO, check=False)
+    # Fails while composing the config: the error line is all that is printed.
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert line.startswith("error: model=resnet999 is unknown") and "resnet50," in line
+
+
+def test_corrupt_checkpoint(tmp_path, data_overrides, capfd, monkeypatch):
+    state = {"state_dict": create_model("resnet20").state_dict()}
+    torch.save(state, tmp_path / "whole.ckpt")
+    data = (tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])  # a copy cut short
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, f"resume={tmp_path}/half.ckpt"]
+    code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert_one_line_error(code, stderr, "half.ckpt is corrupt or incomplete", run_dir)
+
+
+@pytest.mark.parametrize("given_as", ["resume", "model.pretrained"])
+@pytest.mark.parametrize("layout", ["torch.save", "raw pickle"])
+def test_file_that_runs_code_is_refused(
+    given_as, layout, tmp_path, data_overrides, capfd, monkeypatch
+):
+    marker, crafted = tmp_path / "code-ran", tmp_path / "crafted.pth"
+    payload = {"state_dict": {}, "epoch": RunsCodeWhenLoaded(marker)}
+    if layout == "torch.save":
+        torch.save(payload, crafted)
+    else:
+        crafted.write_bytes(pickle.dumps(payload, protocol=2))  # what torch.load expects
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, f"{given_as}={crafted}", f"hydra.run.dir={run_dir}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    line = assert_one_line_error(code, stderr, "refusing to load", run_dir)
+    assert "(posix.system)" in line
+    assert not marker.exists()
+
+
+def test_archive_with_unsafe_entry_is_refused(tmp_path, capfd, monkeypatch):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../../outside.png")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x89PNG"))
+    run_dir = tmp_path / "run"
+    args = [*FAST, f"data.path={archive}", f"data.root={tmp_path}/cache"]
+    code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert_one_line_error(code, stderr, "unsafe entry '../../outside.png'", run_dir)
+    assert not (tmp_path.parent / "outside.png").exists()
+
+
+def test_nan_loss_stops_at_once_naming_the_step(tmp_path, data_overrides, capfd, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, "optimizer.lr=1e10"]
+    code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    line = assert_one_line_error(code, stderr, "the training loss became nan at step", run_dir)
+    assert "lower optimizer.lr (it is 1e+10)" in line
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs: a ResNet-20 checkpoint (2 MB) does not fit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
+    if sys.platform != "linux" or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_full_disk_while_writing_a_checkpoint(
+    full_disk, tmp_path, data_overrides, capfd, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, "trainer.max_epochs=1"]
+    args += [f"callbacks.model_checkpoint.dirpath={full_disk}", f"hydra.run.dir={run_dir}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert_one_line_error(
+        code, stderr, f"the disk is full: could not write checkpoint {full_disk}", run_dir
+    )
+    assert list(full_disk.iterdir()) == []  # no partial file left behind

@@ -1,0 +1,121 @@
+"""DDP on the CPU (two gloo processes): inside a Hydra multirun, and as two torchrun "nodes".
+
+One multirun of two DDP jobs serves several tests: that each job is a complete DDP run written
+by rank 0 alone, that the sweep holds exactly its two jobs, and that the test metrics are
+gathered from both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, TINY, cli_env, run_cli, without_callbacks
+
+from resnet_lightning.eval import evaluate
+
+# Two processes on two CPU cores: one epoch of two batches of 8 per rank.
+DDP = [*TINY, *without_callbacks("model_checkpoint"), "trainer=ddp_cpu", "trainer.max_epochs=1"]
+DDP += ["trainer.limit_train_batches=2", "data.batch_size=8"]
+JOB_FILES = {".hydra", "checkpoints", "metrics.json", "tensorboard", "train.log"}
+
+
+@pytest.fixture(scope="module")
+def ddp_sweep(tmp_path_factory, data_root, cifar_archive):
+    """`-m model=resnet20,resnet32 trainer=ddp_cpu`, started in an empty folder."""
+    cwd = tmp_path_factory.mktemp("ddp_sweep")
+    data = [f"data.root={data_root}", f"data.path={cifar_archive}"]
+    args = ["-m", "model=resnet20,resnet32", *DDP, *data, f"hydra.sweep.dir={cwd}/sweep"]
+    return cwd, run_cli(args, cwd=cwd)
+
+
+def test_ddp_multirun_gives_exactly_its_two_jobs(ddp_sweep):
+    cwd, result = ddp_sweep
+    sweep = cwd / "sweep"
+    # Nothing else in the folder it started from: no stray run or sweep directories.
+    assert [p.name for p in cwd.iterdir()] == ["sweep"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert result.stdout.count("Launching 2 jobs") + result.stderr.count("Launching 2 jobs") == 1
+    for job, model in (("0", "resnet20"), ("1", "resnet32")):
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        assert config["model"]["name"] == model
+        # Each job ran once: one metrics line in its log.
+        assert (sweep / job / "train.log").read_text().count("metrics: ") == 1
+
+
+def test_each_ddp_job_is_complete_and_written_by_rank_zero(ddp_sweep):
+    cwd, result = ddp_sweep
+    output = result.stdout + result.stderr
+    assert output.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one rank 1 per job
+    for job in ("0", "1"):
+        job_dir = cwd / "sweep" / job
+        # Rank 1 writes no .hydra/ folder, log file, checkpoint or metrics of its own.
+        assert {p.name for p in job_dir.iterdir()} == JOB_FILES
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and metrics["epochs"] == 1
+        assert {p.name for p in (job_dir / "checkpoints").iterdir()} == {
+            "epoch000.ckpt",
+            "last.ckpt",
+        }
+        hydra = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert "hydra.output_subdir=null" not in hydra["overrides"]["hydra"]
+
+
+def test_ddp_test_metrics_cover_both_ranks(ddp_sweep):
+    cwd, _ = ddp_sweep
+    metrics = json.loads((cwd / "sweep" / "0" / "metrics.json").read_text())
+    # Each rank tested 2 batches of 8 (DistributedSampler: images 0, 2, ... and 1, 3, ...):
+    # one process testing 2 batches of 16 sees the same 32 images.
+    alone = evaluate(metrics["best_checkpoint"], ["data.batch_size=16"])
+    assert alone["test/acc"] == metrics["test/acc"]
+    assert alone["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    port = free_port()
+    args = [*DDP, "model=resnet20", "trainer.num_nodes=2", "trainer.devices=1", *data_overrides]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "resnet_lightning",
+                *args,
+                f"hydra.run.dir={run_dir}",
+            ],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    assert {p.name for p in run_dir.iterdir()} == JOB_FILES
+    assert (run_dir / "train.log").read_text().count("metrics: ") == 1  # rank 0's alone
+    # The same two-process training as the single-machine DDP job of the sweep.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    single_machine = json.loads((ddp_sweep[0] / "sweep" / "0" / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert metrics["test/loss"] == pytest.approx(single_machine["test/loss"], rel=1e-3)

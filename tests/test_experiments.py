@@ -1,0 +1,145 @@
+"""Every experiment recipe composes to what its paper says and runs a few real steps.
+
+`experiment=degradation` (a multirun by itself) runs in test_reports.py, whose reports read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIG_DIR, REPO, TINY, compose_config, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
+# The single-run recipes of this project's papers, run for one step each below.
+RECIPES = [
+    "paper_cifar",
+    "preact_resnet164",
+    "wrn28_10",
+    "resnext29_8x64d",
+    "densenet_bc100",
+    "finetune_pretrained",
+]
+FIGURE_CALLBACKS = (
+    "confusion_matrix",
+    "augmented_images",
+    "stage_grad_norms",
+    "parameter_distribution",
+)
+
+
+def compose_with_hydra(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.model.name and cfg.optimizer.lr > 0 and cfg.data.batch_size > 0
+
+
+def test_paper_cifar_is_the_papers_iteration_schedule_for_any_depth():
+    cfg = compose_config(["experiment=paper_cifar", "model=plain56"])
+    assert cfg.model.name == "plain56"  # the command line picks the network
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (64000, -1)
+    assert list(cfg.scheduler.milestones) == [32000, 48000] and cfg.scheduler.gamma == 0.1
+    assert cfg.module.scheduler_interval == "step"
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+        0.1, 0.9, 1e-4,
+    )  # fmt: skip
+    assert (cfg.data.batch_size, cfg.data.val_size, cfg.data.augment) == (128, 5000, True)
+    assert compose_config(["experiment=paper_cifar"]).model.name == "resnet20"
+
+
+@pytest.mark.parametrize(
+    "experiment, model, optimizer, schedule, batch, length",
+    [
+        # name, (lr, momentum, nesterov, weight decay), (milestones, gamma), batch, (epochs, steps)
+        ("wrn28_10", "wrn28_10", (0.1, 0.9, True, 5e-4), ([60, 120, 160], 0.2), 128, (200, -1)),
+        ("resnext29_8x64d", "resnext29_8x64d", (0.1, 0.9, False, 5e-4), ([150, 225], 0.1), 128,
+         (300, -1)),
+        ("densenet_bc100", "densenet_bc100", (0.1, 0.9, True, 1e-4), ([150, 225], 0.1), 64,
+         (300, -1)),
+        ("preact_resnet164", "preact_resnet164", (0.1, 0.9, False, 1e-4),
+         ([32000, 48000], 0.1), 128, (-1, 64000)),
+    ],
+)  # fmt: skip
+def test_family_recipes_are_their_papers(experiment, model, optimizer, schedule, batch, length):
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.model.name == model
+    opt = cfg.optimizer
+    assert (opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == optimizer
+    assert (list(cfg.scheduler.milestones), cfg.scheduler.gamma) == schedule
+    assert cfg.data.batch_size == batch
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps) == length
+
+
+def test_degradation_is_one_multirun_over_plain_and_residual_nets():
+    cfg = compose_with_hydra(["experiment=degradation"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.params.model.split(",") == [
+        "plain20",
+        "plain56",
+        "resnet20",
+        "resnet56",
+    ]
+    assert cfg.trainer.max_steps == 64000  # each job is paper_cifar
+
+
+def test_finetune_pretrained_loads_weights_into_a_new_10_class_head(tmp_path):
+    # Offline there are no torchvision downloads: a torchvision ResNet-50 state dict saved to a
+    # file goes through the same loading path as IMAGENET1K_V1.
+    from torchvision.models import resnet50
+
+    reference = resnet50()
+    weights_file = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), weights_file)
+    cfg = compose_config(["experiment=finetune_pretrained", f"model.pretrained={weights_file}"])
+    assert (cfg.data.image_size, cfg.data.normalization, cfg.model.stem) == (
+        224, "imagenet", "imagenet",
+    )  # fmt: skip
+    assert compose_config(["experiment=finetune_pretrained"]).model.pretrained == "IMAGENET1K_V1"
+    model = instantiate(cfg.model)
+    assert torch.equal(model.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert model.fc.out_features == 10
+
+
+def test_hparams_search_composes_when_optuna_is_installed():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweep]'")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[sweep]'")
+    cfg = compose_with_hydra(["hparams_search=optuna", "hydra/launcher=parallel"])
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/acc"
+    assert "optimizer.lr" in cfg.hydra.sweeper.params
+    assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_recipes_run_a_few_steps(tmp_path, data_overrides):
+    # One multirun: one process start for all recipes. One step of two 32 px images each keeps
+    # the 36M-parameter WRN and ResNeXt and the 224 px fine-tuning quick; checkpoints and
+    # figures (test_reports.py checks those) would only add disk and plotting time.
+    sweep_dir = tmp_path / "recipes"
+    quiet = [f"callbacks.{name}=null" for name in ("model_checkpoint", *FIGURE_CALLBACKS)]
+    run_cli(
+        ["-m", f"experiment={','.join(RECIPES)}", *TINY, *data_overrides, *quiet,
+         "model.pretrained=null", "data.batch_size=2", "data.image_size=32",
+         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
+         f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO,
+    )  # fmt: skip
+    for number, experiment in enumerate(RECIPES):
+        job = sweep_dir / str(number)
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert f"experiment={experiment}" in overrides
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["steps"] == 1 and 0.0 <= metrics["test/acc"] <= 1.0
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        expected = compose_config([f"experiment={experiment}"])
+        assert config["model"]["name"] == expected.model.name
+        assert config["optimizer"]["weight_decay"] == expected.optimizer.weight_decay

@@ -1,0 +1,250 @@
+"""Reports and TensorBoard figures, on a real sweep: `experiment=degradation` run tiny.
+
+One module-scoped sweep (plain20, plain56, resnet20, resnet56, a few steps each) feeds the
+TensorBoard assertions, the summary and the degradation report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, TINY, run_cli
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torchvision.models import get_model_weights
+
+from resnet_lightning.models import create_model
+from resnet_lightning.models.summary import count_macs, count_parameters
+from resnet_lightning.report import compare
+from resnet_lightning.report.__main__ import main as report_main
+
+DEGRADATION_MODELS = ["plain20", "plain56", "resnet20", "resnet56"]
+# TINY with one batch per evaluation: 2 epochs x 3 steps of 16 images per job.
+SWEEP_OVERRIDES = [
+    *TINY,
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data_root, cifar_archive):
+    """The degradation experiment as one command (it is a multirun by itself), made tiny."""
+    sweep_dir = tmp_path_factory.mktemp("degradation")
+    run_cli(
+        ["experiment=degradation", *SWEEP_OVERRIDES, f"data.root={data_root}",
+         f"data.path={cifar_archive}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO,
+    )  # fmt: skip
+    return sweep_dir
+
+
+def events(run_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(data: bytes) -> tuple[int, int]:
+    """A real PNG that decodes; returns its size."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.width > 50 and image.height > 50
+    return image.size
+
+
+def test_degradation_runs_all_four_networks_in_one_command(sweep):
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    configs = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in jobs]
+    assert [c["model"]["name"] for c in configs] == DEGRADATION_MODELS
+    for job, config in zip(jobs, configs, strict=True):
+        assert config["trainer"]["max_steps"] == 64000  # paper_cifar, cut short by TINY
+        assert config["scheduler"]["milestones"] == [32000, 48000]
+        assert json.loads((job / "metrics.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("job, model", [("1", "plain56"), ("3", "resnet56")])
+def test_tensorboard_has_scalars_hparams_and_figures(sweep, job, model):
+    run = events(sweep / job)
+    tags = run.Tags()
+    stages = ["conv1", "bn1", "layer1", "layer2", "layer3", "fc"]
+    expected_scalars = {
+        "train/loss", "train/acc", "train/acc_top5", "val/loss", "val/acc", "val/acc_top5",
+        "test/acc", "test/acc_top5", "lr-SGD", "hp/test_acc", "hp/val_acc", "hp/params",
+        *(f"grad_norm/{s}" for s in stages),
+    }  # fmt: skip
+    assert expected_scalars <= set(tags["scalars"]), tags["scalars"]
+    # Gradient norms at every optimizer step (log_every_n_steps=1), positive and finite.
+    norms = run.Scalars("grad_norm/layer1")
+    assert [e.step for e in norms] == list(range(6))
+    assert all(0 < e.value < float("inf") for e in norms)
+
+    images = {
+        "test/confusion_matrix",
+        "train/augmented_images",
+        "grad_norm/stages",
+        "model/parameters",
+    }
+    assert images <= set(tags["images"]), tags["images"]
+    for tag in images:
+        assert_png(run.Images(tag)[-1].encoded_image_string)
+    # 16 images of 32 px, 8 a row, 2 px padding: make_grid's 274 x 70.
+    grid = run.Images("train/augmented_images")[0]
+    assert (grid.width, grid.height) == (274, 70)
+    assert {f"weights/{s}" for s in ("conv1", "layer1", "layer3", "fc")} <= set(tags["histograms"])
+
+    metrics = json.loads((sweep / job / "metrics.json").read_text())
+    assert run.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test/acc"])
+    content = run.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["model"].string_value == model
+    assert hparams["experiment"].string_value == "degradation"
+    assert hparams["optimizer.lr"].number_value == 0.1
+    assert hparams["data.batch_size"].number_value == 16
+    assert hparams["scheduler"].string_value == "MultiStepLR"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    metric_tags = {m.name.tag for m in experiment.experiment.metric_infos}
+    assert {"hp/test_acc", "hp/test_acc_top5", "hp/val_acc", "hp/wall_time_s"} <= metric_tags
+
+
+def test_summary_is_a_sorted_table_and_a_plot(sweep, tmp_path, capsys):
+    assert report_main([str(sweep), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [
+        str(tmp_path / f) for f in ("summary.md", "summary.csv", "summary_val_acc.png")
+    ]
+
+    rows = read_csv(tmp_path / "summary.csv")
+    assert list(rows[0]) == [
+        "job",
+        "model",
+        "test/acc",
+        "test/acc_top5",
+        "val/acc",
+        "params",
+        "wall_time_s",
+    ]  # fmt: skip  (model is the only override that differs between the jobs)
+    assert sorted(r["model"] for r in rows) == sorted(DEGRADATION_MODELS)
+    accuracies = [float(r["test/acc"]) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    for row in rows:
+        metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
+        assert int(row["params"]) == count_parameters(create_model(row["model"]))
+
+    markdown = (tmp_path / "summary.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(DEGRADATION_MODELS)  # header + one row per job
+    assert "![validation accuracy](summary_val_acc.png)" in markdown
+    assert_png((tmp_path / "summary_val_acc.png").read_bytes())
+
+
+def test_summary_is_the_default_report_and_bad_directories_are_one_line(sweep, tmp_path):
+    command = [sys.executable, "-m", "resnet_lightning.report"]
+    done = subprocess.run([*command, str(sweep)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert (sweep / "summary.md").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = subprocess.run([*command, str(empty)], capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith(f"error: {empty} holds no runs")
+    assert "Traceback" not in failed.stderr
+    assert list(empty.iterdir()) == []
+
+
+def test_degradation_report_plots_plain_against_residual(sweep, tmp_path):
+    assert report_main(["degradation", str(sweep), "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "degradation.csv")
+    assert [r["model"] for r in rows] == DEGRADATION_MODELS
+    assert [r["family"] for r in rows] == ["Plain (CIFAR)"] * 2 + ["ResNet (CIFAR)"] * 2
+    for row in rows:
+        assert row["iterations"] == "6"
+        for column in ("train error", "val error", "test error"):
+            assert 0.0 <= float(row[column]) <= 1.0
+        metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert float(row["test error"]) == pytest.approx(1 - metrics["test/acc"])
+    width, height = assert_png((tmp_path / "degradation.png").read_bytes())
+    assert width > height  # two panels side by side
+    assert (
+        "![training and validation error](degradation.png)"
+        in (tmp_path / "degradation.md").read_text()
+    )
+
+
+def test_params_report_counts_the_real_model(tmp_path):
+    assert report_main(["params", "model=resnet56", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "params_resnet56.csv")
+    assert [r["stage"] for r in rows] == [
+        "conv1",
+        "bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "fc",
+        "total",
+    ]
+    assert list(rows[0]) == ["stage", "Conv2d", "BatchNorm2d", "Linear", "parameters", "share"]
+    model = create_model("resnet56")
+    assert int(rows[-1]["parameters"]) == count_parameters(model)
+    assert int(rows[-1]["Linear"]) == count_parameters(model.fc)
+    for row in rows[:-1]:
+        assert int(row["parameters"]) == count_parameters(getattr(model, row["stage"]))
+    assert_png((tmp_path / "params_resnet56.png").read_bytes())
+    assert "| layer3 |" in (tmp_path / "params_resnet56.md").read_text()
+
+
+def test_params_report_rejects_an_unknown_model_in_one_line(tmp_path, capsys):
+    assert report_main(["params", "model=resnet57", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model=resnet57:") and "\n" not in err
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_compared_networks_match_torchvision_published_counts():
+    # The zoo builds the same networks torchvision published accuracy for: same parameters,
+    # same MACs as the weights' metadata (GFLOPS there counts multiply-accumulates).
+    for name in compare.MODELS:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=1000)
+        published = compare.published_accuracy(name)
+        assert count_parameters(model) == published["params"], name
+        weights = get_model_weights(compare.TORCHVISION_NAMES.get(name, name))[compare.WEIGHTS]
+        assert round(count_macs(model, 224) / 1e9, 3) == weights.meta["_ops"], name
+        assert 50 < published["top1"] < published["top5"] < 100
+
+
+def test_compare_report_measures_on_this_machine(tmp_path):
+    # Two networks at 64 px keep this quick; the defaults measure all five at 224 px.
+    args = ["compare", "--models", "resnet50,alexnet", "--image-size", "64", "--batch-size", "2",
+            "--iters", "1", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert report_main(args) == 0
+    rows = read_csv(tmp_path / "compare.csv")
+    assert [r["model"] for r in rows] == ["resnet50", "alexnet"]
+    for row in rows:
+        published = compare.published_accuracy(row["model"])
+        assert int(row["params"]) == published["params"]
+        assert float(row["ImageNet top-1 %"]) == published["top1"]
+        assert float(row["inference img/s"]) > 0 and float(row["training img/s"]) > 0
+    assert_png((tmp_path / "compare.png").read_bytes())
+    assert "64 px, batch 2" in (tmp_path / "compare.md").read_text()

@@ -1,0 +1,175 @@
+"""Never lose a run: a SIGKILLed run resumes to the same result as one that never stopped, every
+checkpoint save is atomic, and eval rebuilds the model from the run's own config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, REPO, TINY, cli_env, run_cli, run_main, without_callbacks
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_lightning import eval as evaluation
+from resnet_lightning.checkpointing import PARTIAL_SUFFIX, remove_partial_checkpoints
+from resnet_lightning.cifar import load_cifar10
+
+# Non-default model options (projection shortcuts change the weights' names), seed 0, and
+# deterministic kernels: three epochs of three batches.
+RUN = [*TINY, *without_callbacks("model_checkpoint"), "model=resnet20", "model.shortcut=B"]
+RUN += ["optimizer.lr=0.05", "seed=0"]
+RUN += ["trainer.deterministic=true", "trainer.max_epochs=3", "data.batch_size=8"]
+TEST_KEYS = ("test/acc", "test/acc_top5", "test/loss")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root, cifar_archive):
+    """A run that was never interrupted: its directory and the CLI's output."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    data = [f"data.root={data_root}", f"data.path={cifar_archive}"]
+    result = run_cli([*RUN, *data, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    return run_dir, result
+
+
+def read_metrics(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("wall_time_s")
+    metrics["best_checkpoint"] = Path(metrics["best_checkpoint"]).name
+    return metrics
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, weights_only=True)["state_dict"]
+
+
+def train_loss_curve(run_dir: Path) -> dict[int, float]:
+    """train/loss by step over every events file of the run, later files winning."""
+    curve = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            curve |= {e.step: e.value for e in accumulator.Scalars("train/loss")}
+    return curve
+
+
+def test_seed_zero_is_used(finished_run):
+    _, result = finished_run
+    assert "Seed set to 0" in result.stderr + result.stdout
+
+
+def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path, data_overrides):
+    uninterrupted, _ = finished_run
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "resnet_lightning", *RUN, *data_overrides]
+    run = subprocess.Popen(
+        [*command, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists():  # the first checkpoint: end of epoch 0
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended too soon"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (run_dir / "metrics.json").exists()
+    assert torch.load(last, weights_only=True)["epoch"] >= 0  # complete, loadable
+
+    # Only the run directory: resume=auto takes the run's saved overrides.
+    run_cli(["resume=auto", f"hydra.run.dir={run_dir}"], cwd=REPO)
+
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+    final, expected = weights(last), weights(uninterrupted / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    # The resumed run's TensorBoard curve continues the killed one's: every step, same values.
+    resumed_curve, curve = train_loss_curve(run_dir), train_loss_curve(uninterrupted)
+    assert sorted(resumed_curve) == sorted(curve) == list(range(9))
+    assert resumed_curve == pytest.approx(curve, rel=1e-6)
+
+
+def test_kill_during_a_save_never_truncates_the_checkpoint(tmp_path):
+    # Saves a 40 MB checkpoint over and over until killed, through the trainer's CheckpointIO.
+    saver = (
+        "import sys, torch\n"
+        "from resnet_lightning.checkpointing import AtomicCheckpointIO\n"
+        "io, step = AtomicCheckpointIO(), 0\n"
+        "while True:\n"
+        "    state = {'state_dict': {'w': torch.full((10_000_000,), float(step))}, 'step': step}\n"
+        "    io.save_checkpoint(state, sys.argv[1])\n"
+        "    step += 1\n"
+    )
+    last = tmp_path / "last.ckpt"
+    process = subprocess.Popen([sys.executable, "-c", saver, str(last)])
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)  # several saves later, most likely in the middle of one
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = torch.load(last, weights_only=True)
+    assert torch.equal(checkpoint["state_dict"]["w"], torch.full((10_000_000,), checkpoint["step"]))
+    remove_partial_checkpoints(tmp_path)  # what resume=auto does with a killed save's file
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert PARTIAL_SUFFIX not in last.name
+
+
+def test_eval_rebuilds_the_run_model_and_reproduces_its_test(finished_run, capsys):
+    run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # `python -m resnet_lightning.eval ckpt_path=...`, in this process. Built from today's
+    # defaults (model=resnet50, shortcut A) the checkpoint would not even load.
+    evaluation.main([f"ckpt_path={metrics['best_checkpoint']}"])
+    reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reported == pytest.approx({k: metrics[k] for k in TEST_KEYS}, rel=1e-6)
+
+
+def test_predict_prints_the_top5_classes(finished_run, data_root, cifar_archive, tmp_path, capsys):
+    run_dir, _ = finished_run
+    arrays = load_cifar10(data_root, cifar_archive)
+    for i in range(2):
+        Image.fromarray(arrays.test_images[i].numpy()).save(tmp_path / f"test{i}.png")
+    # A picture of another size is brought to 32 px first.
+    Image.fromarray(arrays.test_images[2].numpy()).resize((80, 60)).save(tmp_path / "large.jpg")
+
+    evaluation.main([f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"predict={tmp_path}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [
+        str(tmp_path / name) for name in ("large.jpg", "test0.png", "test1.png")
+    ]
+    for line in lines:
+        pairs = [entry.rsplit(" ", 1) for entry in line.split(": ", 1)[1].split(", ")]
+        names, probabilities = [n for n, _ in pairs], [float(p) for _, p in pairs]
+        assert len(names) == 5 and set(names) <= set(CLASSES)
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.001
+
+
+def test_checkpoint_of_another_model_is_refused(
+    finished_run, tmp_path, data_overrides, capfd, monkeypatch
+):
+    run_dir, _ = finished_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    message = f"checkpoint {last} is for model=resnet20 but this run builds model=resnet32"
+
+    args = [*RUN, *data_overrides, "model=resnet32", f"resume={last}", f"hydra.run.dir={tmp_path}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert (
+        code == 2
+        and stderr.strip().splitlines()[-1]
+        == f"error: {message}; pass model=resnet20 or a checkpoint of resnet32"
+    )
+    assert not (tmp_path / "metrics.json").exists()
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([f"ckpt_path={last}", "model.name=resnet32"])
+    assert exit_info.value.code == 2 and message in capfd.readouterr().err

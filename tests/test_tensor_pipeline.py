@@ -1,0 +1,204 @@
+"""The tensor data path (data.pipeline=tensor) against the torchvision one, on real images:
+the same tensors without augmentation, the same augmentation in distribution, DDP shards that
+partition each epoch, one uint8 copy of the data, and the GPU pieces where there is a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, SHARED_CIFAR, TINY, run_cli
+from PIL import Image
+
+from resnet_lightning.datamodule import NORMALIZATION, CifarDataModule
+from resnet_lightning.tensor_loader import TensorLoader
+
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+MEAN, STD = NORMALIZATION["cifar"]
+
+
+def datamodule(data_root, cifar_archive, **kwargs) -> CifarDataModule:
+    dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("image_size", "normalization"), [(32, "cifar"), (224, "imagenet")])
+def test_unaugmented_batches_equal_the_torchvision_ones(
+    data_root, cifar_archive, device, image_size, normalization
+):
+    kwargs = {"batch_size": 64, "image_size": image_size, "normalization": normalization}
+    expected_images, expected_labels = next(
+        iter(datamodule(data_root, cifar_archive, **kwargs).val_dataloader())
+    )
+    for channels_last in (False, True):
+        dm = datamodule(
+            data_root, cifar_archive, pipeline="tensor", channels_last=channels_last, **kwargs
+        )
+        images, labels = next(iter(dm.tensor_loader("val", device)))
+        assert images.device.type == device and images.dtype == torch.float32
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        assert images.is_contiguous(memory_format=memory_format)
+        assert torch.equal(labels.cpu(), expected_labels)
+        # PIL resizes in two uint8 passes; their rounding (up to a grey level, a quarter on
+        # average) is the only difference.
+        grey_level = 1 / 255 / min(NORMALIZATION[normalization][1])
+        tolerance = 1e-5 if image_size == 32 else grey_level
+        torch.testing.assert_close(images.cpu(), expected_images, atol=tolerance, rtol=0)
+        assert (images.cpu() - expected_images).abs().mean() < tolerance / 2
+
+
+def pattern_image() -> torch.Tensor:
+    """32x32 RGB whose red channel encodes the row and green the column (4, 12, ..., 252):
+    a crop's offset, its flip and any padding (0) read back from one pixel."""
+    ramp = torch.arange(32, dtype=torch.uint8) * 8 + 4
+    image = torch.full((32, 32, 3), 200, dtype=torch.uint8)
+    image[..., 0] = ramp[:, None]
+    image[..., 1] = ramp[None, :]
+    return image
+
+
+def decode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Crop offsets (0..8 in the 40 px padded image), flips and cutout squares of augmented
+    pattern images, from their pixel values."""
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    values = ((images.cpu().float() * std + mean) * 255).round()
+    red, green = values[:, 0], values[:, 1]
+    # Row 16 and columns 16/17 never fall in the padding.
+    flipped = green[:, 16, 17] < green[:, 16, 16]
+    dy = (red[:, 16, 16] - 4) / 8 - 12
+    dx = (green[:, 16, 16] - 4) / 8 - 12 + flipped.float()
+    return {
+        "dy": dy.long(),
+        "dx": dx.long(),
+        "flipped": flipped,
+        "top_padding": (values[:, 2, 0, 16] == 0),  # blue is 200 everywhere but the padding
+        "cutout": (images[:, 0] == 0),  # after normalisation only a cutout pixel is exactly 0
+    }
+
+
+def augmented_pattern(path: str, device: str, draws: int, cutout: int) -> dict[str, torch.Tensor]:
+    """`draws` augmented copies of the pattern image through one pipeline's real code."""
+    torch.manual_seed(0)
+    dm = CifarDataModule(augment=True, cutout=cutout)
+    if path == "torchvision":
+        transform = dm.transform(train=True)
+        pil = Image.fromarray(pattern_image().numpy())
+        images = torch.stack([transform(pil) for _ in range(draws)])
+    else:
+        copies = pattern_image().expand(draws, 32, 32, 3).to(device)
+        labels = torch.zeros(draws, dtype=torch.long, device=device)
+        loader = TensorLoader(copies, labels, draws, MEAN, STD, augment=True, cutout=cutout)
+        images, _ = next(iter(loader))
+    return decode(images)
+
+
+def chi_square(counts_a: torch.Tensor, counts_b: torch.Tensor) -> float:
+    """Two-sample chi-square statistic of equal-sized samples' histograms."""
+    total = (counts_a + counts_b).float()
+    return float(((counts_a - counts_b).float() ** 2 / total.clamp(min=1)).sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crops_and_flips_agree_with_torchvision_in_distribution(device):
+    draws = 3000
+    ours = augmented_pattern("tensor", device, draws, cutout=0)
+    theirs = augmented_pattern("torchvision", device, draws, cutout=0)
+    for key in ("dy", "dx"):
+        a, b = ours[key].bincount(minlength=9), theirs[key].bincount(minlength=9)
+        assert len(a) == len(b) == 9  # offsets 0..8 only
+        assert chi_square(a, b) < 26.1  # chi2(8 dof) at p = 0.001
+        uniform = torch.full((9,), draws / 9)
+        assert float(((a - uniform) ** 2 / uniform).sum()) < 26.1
+    for decoded in (ours, theirs):
+        assert abs(decoded["flipped"].float().mean() - 0.5) < 4 * (0.25 / draws) ** 0.5
+        # Zero padding: the top row is padding exactly when the crop starts above the image.
+        assert torch.equal(decoded["top_padding"], decoded["dy"] < 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cutout_agrees_with_torchvision_random_erasing(device):
+    draws = 2000
+    positions = {}
+    for path in ("tensor", "torchvision"):
+        masks = augmented_pattern(path, device, draws, cutout=8)["cutout"]
+        assert (masks.sum((1, 2)) == 64).all()  # one 8x8 square, always whole
+        rows = masks.any(2).float().argmax(1)  # first masked row
+        positions[path] = rows.bincount(minlength=25)
+        assert len(positions[path]) == 25  # placed inside the 32 px image
+    assert chi_square(positions["tensor"], positions["torchvision"]) < 51.2  # chi2(24), p=0.001
+
+
+def test_ddp_ranks_partition_each_epoch_and_reshuffle_deterministically():
+    def epoch_labels(count, rank, epoch, **kwargs):
+        images = torch.zeros(count, 2, 2, 3, dtype=torch.uint8)
+        labels = torch.arange(count)  # labels are the images' positions
+        loader = TensorLoader(
+            images, labels, 8, MEAN, STD, seed=5, rank=rank, world_size=2, **kwargs
+        )
+        loader.set_epoch(epoch)
+        batches = [y for _, y in loader]
+        assert len(batches) == len(loader)
+        return torch.cat(batches)
+
+    train = {"shuffle": True, "drop_last": True}
+    shards = [epoch_labels(96, rank, 0, **train) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 48
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(96))  # each image once
+    assert torch.equal(epoch_labels(96, 0, 0, **train), shards[0])  # reproducible
+    assert not torch.equal(epoch_labels(96, 0, 1, **train), shards[0])  # a new epoch, a new order
+    # Evaluation: no shuffle, nothing dropped; the sampler pads 103 to 2 x 52.
+    shards = [epoch_labels(103, rank, 0) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 52
+    assert set(torch.cat(shards).tolist()) == set(range(103))
+
+
+def test_the_data_set_is_held_once_as_uint8(data_root, cifar_archive):
+    dm = datamodule(data_root, cifar_archive, pipeline="tensor", val_size=5000)
+    train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+    arrays = dm.arrays
+    for loader, images in ((train, arrays.train_images), (val, arrays.train_images),
+                           (test, arrays.test_images)):  # fmt: skip
+        assert loader.images.dtype == torch.uint8
+        assert loader.images.data_ptr() == images.data_ptr()  # a view, never a copy
+    # The same split as the torchvision path: disjoint train and validation images.
+    assert torch.equal(train.index, dm.train_index) and torch.equal(val.index, dm.val_index)
+    assert len(train) == (len(arrays.train_labels) - 5000) // 128
+    if cifar_archive == SHARED_CIFAR:
+        nbytes = arrays.train_images.nbytes + arrays.test_images.nbytes
+        assert 180e6 < nbytes < 190e6  # 60,000 x 32 x 32 x 3
+
+
+def test_fast94_recipe_runs_through_the_cli(tmp_path, data_overrides):
+    """The whole fast94 recipe (ResNet-9, tensor pipeline on the training device, bf16,
+    channels-last, cutout, label smoothing, test-time flips) for a few steps on this machine."""
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("trainer=")]
+    run_cli(["experiment=fast94", *tiny, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["params"] == 6_573_120  # ResNet-9
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    timing = json.loads((run_dir / "epoch_times.json").read_text())
+    assert len(timing["epoch_s"]) == 2 and timing["fit_s"] > 0
+    saved = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "pipeline: tensor" in saved and "precision: bf16-mixed" in saved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_channels_last_training_on_the_gpu(tmp_path, data_overrides, compile):
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=fast94", f"model.compile={str(compile).lower()}", "trainer.max_epochs=2",
+        "trainer.limit_train_batches=5", "trainer.limit_test_batches=2",
+    ]  # fmt: skip
+    run_cli([*overrides, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["test/loss"] == metrics["test/loss"]  # not nan
