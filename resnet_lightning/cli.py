@@ -126,6 +126,8 @@ def describe_bad_input(err: BaseException) -> str | None:
         cause = err.__cause__
         if isinstance(cause, pickle.UnpicklingError) and UNSAFE_PICKLE in str(cause):
             return f"{_config_key(err)}: {unsafe_file_message('the file it names', cause)}"
+        if isinstance(cause, FileNotFoundError):  # a file named in the config is not there
+            return f"{_config_key(err)}: {_one_line(cause)}"
         if not isinstance(cause, TypeError | ValueError | MisconfigurationException):
             return None  # a failure inside a constructor: a bug, keep the traceback
         key = _config_key(err)

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lightning.errors import TrainingDivergedError
+from resnet_lightning.models import get_classifier
 
 SPLITS = ("train", "val", "test")
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -31,6 +32,10 @@ class ImageClassifier(L.LightningModule):
         num_classes: size of the classifier output, for the metrics.
         label_smoothing: cross-entropy label smoothing.
         test_time_flip: validate and test on the mean logits of each image and its mirror.
+        backbone_lr_scale: the learning rate of everything but the classifier, as a fraction
+            of the optimizer's (fine-tuning pretrained weights gently while the new head
+            learns fast). A network built with `freeze_backbone` trains its head alone, and
+            its frozen BatchNorm layers keep their pretrained running statistics.
     """
 
     def __init__(
@@ -42,10 +47,13 @@ class ImageClassifier(L.LightningModule):
         num_classes: int = 10,
         label_smoothing: float = 0.0,
         test_time_flip: bool = False,
+        backbone_lr_scale: float = 1.0,
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
+            raise ValueError(
+                f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}"
+            )
         # The network and factories are rebuilt from the run's Hydra config, not pickled here.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
@@ -104,16 +112,46 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def on_train_epoch_start(self) -> None:
+        # Frozen BatchNorm layers keep their loaded running statistics (Lightning leaves the
+        # modules' train/eval modes to us, and restores them after each validation).
+        for layer in self.net.modules():
+            params = list(layer.parameters())
+            is_norm = isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            if is_norm and params and not any(p.requires_grad for p in params):
+                layer.eval()
+
+    def _parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """(parameters, lr scale) pairs: the head and the backbone apart when scaled."""
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        scale = self.hparams.backbone_lr_scale
+        if scale == 1.0:
+            return [(trainable, 1.0)]
+        head = {id(p) for p in get_classifier(self.net).parameters()}
+        return [
+            ([p for p in trainable if id(p) in head], 1.0),
+            ([p for p in trainable if id(p) not in head], scale),
+        ]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        groups = self._parameter_groups()
+        optimizer = self.optimizer_factory([{"params": params} for params, _ in groups])
+        for group, (_, scale) in zip(optimizer.param_groups, groups, strict=True):
+            group["lr"] *= scale
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
         if _needs_total_steps(self.scheduler_factory):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        max_lr = getattr(self.scheduler_factory, "keywords", {}).get("max_lr")
+        if max_lr is not None:  # OneCycleLR sets every group's lr from max_lr: scale it per group
+            kwargs["max_lr"] = [max_lr * scale for _, scale in groups]
         scheduler = self.scheduler_factory(optimizer, **kwargs)
         interval = self.hparams.scheduler_interval
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
 
 
 def _needs_total_steps(factory: Callable) -> bool:

@@ -136,9 +136,6 @@ class TensorLoader:
             return samples // self.batch_size
         return -(-samples // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         positions = self.index[torch.tensor(list(self.sampler), dtype=torch.long)]
         positions = positions.to(self.images.device)

@@ -148,3 +148,14 @@ def test_full_disk_while_writing_a_checkpoint(
         code, stderr, f"the disk is full: could not write checkpoint {full_disk}", run_dir
     )
     assert list(full_disk.iterdir()) == []  # no partial file left behind
+
+
+def test_pretrained_weights_offline_is_one_line(tmp_path, data_overrides, capfd, monkeypatch):
+    # An empty torch hub cache and no network: the download fails at once.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    run_dir = tmp_path / "run"
+    fast = [arg for arg in FAST if not arg.startswith("model=")]
+    args = ["experiment=finetune_pretrained", *fast, *data_overrides]
+    code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    line = assert_one_line_error(code, stderr, "could not download IMAGENET1K_V", run_dir)
+    assert "model.pretrained=/path/to/weights.pth" in line

@@ -142,7 +142,7 @@ def test_ddp_ranks_partition_each_epoch_and_reshuffle_deterministically():
         loader = TensorLoader(
             images, labels, 8, MEAN, STD, seed=5, rank=rank, world_size=2, **kwargs
         )
-        loader.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)  # as Lightning does each epoch
         batches = [y for _, y in loader]
         assert len(batches) == len(loader)
         return torch.cat(batches)
@@ -190,6 +190,15 @@ def test_fast94_recipe_runs_through_the_cli(tmp_path, data_overrides):
     assert "pipeline: tensor" in saved and "precision: bf16-mixed" in saved
 
 
+def test_ddp_run_with_the_tensor_pipeline(tmp_path, data_overrides):
+    """Two gloo processes, each loading its shard on its own; equal lengths keep them in step."""
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("trainer=")]
+    overrides = ["model=resnet20", "trainer=ddp_cpu", "data.pipeline=tensor", *tiny]
+    run_cli([*overrides, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 6
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", [False, True])
@@ -197,7 +206,8 @@ def test_bf16_channels_last_training_on_the_gpu(tmp_path, data_overrides, compil
     run_dir = tmp_path / "run"
     overrides = [
         "experiment=fast94", f"model.compile={str(compile).lower()}", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=5", "trainer.limit_test_batches=2",
+        "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
     ]  # fmt: skip
     run_cli([*overrides, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
     metrics = json.loads((run_dir / "metrics.json").read_text())

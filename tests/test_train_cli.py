@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, compose_config, run_cli
+from conftest import REPO, TINY, compose_config, run_cli, without_callbacks
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -47,8 +47,8 @@ def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_over
 def test_multirun_gives_one_complete_directory_per_job(tmp_path, data_overrides):
     sweep_dir = tmp_path / "sweep"
     run_cli(
-        ["-m", "model=resnet18", "optimizer.lr=0.1,0.05", *TINY, *data_overrides,
-         "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}"],
+        ["-m", "model=resnet20", "optimizer.lr=0.1,0.05", *TINY, *data_overrides,
+         *without_callbacks(), "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO,
     )
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").exists())
@@ -116,7 +116,8 @@ def test_every_optimizer_and_scheduler_config_builds(optimizer, scheduler):
 def test_onecycle_is_sized_from_the_real_step_count(tmp_path, data_overrides):
     run_dir = tmp_path / "run"
     run_cli(
-        ["model=resnet18", "scheduler=onecycle", *TINY, *data_overrides, f"hydra.run.dir={run_dir}"],
+        ["model=resnet20", "scheduler=onecycle", *TINY, *data_overrides,
+         *without_callbacks("model_checkpoint"), f"hydra.run.dir={run_dir}"],
         cwd=REPO,
     )
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)

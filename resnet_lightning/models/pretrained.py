@@ -32,7 +32,7 @@ def read_state_dict(info: ModelInfo, source: str) -> dict[str, Tensor]:
         return weights.get_state_dict(progress=False, check_hash=True)
     except OSError as err:  # urllib's URLError is an OSError
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"could not download {source} weights for {info.name} (offline? {err}); download "
             f"{weights.url} on a connected machine into {cached} or pass "
             "model.pretrained=/path/to/weights.pth"
@@ -64,7 +64,7 @@ def load_pretrained(model: nn.Module, info: ModelInfo, source: str) -> None:
             if keys
         ]
         # ImageNet weights fit the 7x7 stem only; the CIFAR and deep stems differ.
-        raise RuntimeError(
+        raise ValueError(
             f"weights {source} do not fit {info.name} as built ({'; '.join(problems)}); "
             "build it with the arguments the weights were trained with (stem=imagenet for "
             "torchvision's)"
