@@ -21,8 +21,9 @@ SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def make_image_archive(path: Path, train_per_class: int = 20, test_per_class: int = 5) -> Path:
-    """A small CIFAR-shaped image-folder archive of PNGs, for machines without the real copy."""
+def make_image_archive(path: Path, train_per_class: int = 600, test_per_class: int = 100) -> Path:
+    """A CIFAR-shaped image-folder archive of PNGs, for machines without the real copy; big
+    enough by default for the 5,000-image validation split."""
     generator = torch.Generator().manual_seed(0)
     with tarfile.open(path, "w:gz") as archive:
         for split, count in (("train", train_per_class), ("test", test_per_class)):
