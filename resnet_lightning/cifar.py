@@ -128,7 +128,12 @@ def _read_image_tree(path: Path) -> CifarArrays:
             arrays[f"{split}_images"] = torch.stack([_decode(n, d) for _, n, d in entries])
             arrays[f"{split}_labels"] = torch.tensor([index[cls] for cls, _, _ in entries])
     except (
-        tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, UnidentifiedImageError, OSError
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        UnidentifiedImageError,
+        OSError,
     ) as err:
         raise DataError(
             f"could not read {path}: {err}; the file is corrupt or incomplete, copy it again"

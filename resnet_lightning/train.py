@@ -56,7 +56,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler else None
-    module = instantiate(cfg.module, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+    module = instantiate(
+        cfg.module, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler
+    )
     if resume_path:  # a checkpoint that cannot continue this run stops it before any output
         check_checkpoint_fits(module, load_checkpoint_file(resume_path), resume_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -31,7 +31,9 @@ def make_image_archive(path: Path, train_per_class: int = 600, test_per_class: i
                 for i in range(count):
                     # Class-dependent colour plus noise, so a network can learn something.
                     base = torch.full((32, 32, 3), 20 * label, dtype=torch.int16)
-                    noise = torch.randint(0, 60, (32, 32, 3), generator=generator, dtype=torch.int16)
+                    noise = torch.randint(
+                        0, 60, (32, 32, 3), generator=generator, dtype=torch.int16
+                    )
                     pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
                     buffer = io.BytesIO()
                     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -95,7 +97,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True):
     )
     if check and result.returncode != 0:
         raise AssertionError(
-            f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
+            f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}"
+            f"\nSTDERR:\n{result.stderr[-4000:]}"
         )
     return result
 

@@ -59,7 +59,7 @@ def test_folder_tree_and_zip_give_the_same_arrays(tmp_path):
 
 def test_corrupt_archive_is_a_clear_error_and_leaves_no_cache(tmp_path, cifar_archive):
     truncated = tmp_path / "broken.tar.gz"
-    truncated.write_bytes(cifar_archive.read_bytes()[: 200_000])
+    truncated.write_bytes(cifar_archive.read_bytes()[:200_000])
     root = tmp_path / "cache"
     with pytest.raises(DataError, match="corrupt or incomplete"):
         load_cifar10(root, truncated)

@@ -47,8 +47,16 @@ def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_over
 def test_multirun_gives_one_complete_directory_per_job(tmp_path, data_overrides):
     sweep_dir = tmp_path / "sweep"
     run_cli(
-        ["-m", "model=resnet20", "optimizer.lr=0.1,0.05", *TINY, *data_overrides,
-         *without_callbacks(), "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}"],
+        [
+            "-m",
+            "model=resnet20",
+            "optimizer.lr=0.1,0.05",
+            *TINY,
+            *data_overrides,
+            *without_callbacks(),
+            "trainer.max_epochs=1",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
         cwd=REPO,
     )
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").exists())
@@ -63,8 +71,12 @@ def test_multirun_gives_one_complete_directory_per_job(tmp_path, data_overrides)
 
 def test_missing_data_is_one_line_and_nonzero(tmp_path):
     result = run_cli(
-        ["trainer=cpu", f"data.root={tmp_path}/empty", f"data.path={tmp_path}/missing.tar.gz",
-         f"hydra.run.dir={tmp_path}/run"],
+        [
+            "trainer=cpu",
+            f"data.root={tmp_path}/empty",
+            f"data.path={tmp_path}/missing.tar.gz",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
         cwd=REPO,
         check=False,
     )
@@ -87,7 +99,11 @@ def test_bad_batch_size_is_one_line_and_nonzero(tmp_path, data_overrides):
 def test_defaults_are_the_seed_recipe():
     cfg = compose_config()
     assert cfg.model.name == "resnet50" and cfg.model.stem == "cifar"
-    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+        0.1,
+        0.9,
+        1e-4,
+    )
     assert cfg.scheduler.milestones == [30, 60, 90] and cfg.scheduler.gamma == 0.1
     assert cfg.data.batch_size == 128 and cfg.trainer.max_epochs == 100
     seed = compose_config(["experiment=seed_resnet50"])
@@ -116,8 +132,14 @@ def test_every_optimizer_and_scheduler_config_builds(optimizer, scheduler):
 def test_onecycle_is_sized_from_the_real_step_count(tmp_path, data_overrides):
     run_dir = tmp_path / "run"
     run_cli(
-        ["model=resnet20", "scheduler=onecycle", *TINY, *data_overrides,
-         *without_callbacks("model_checkpoint"), f"hydra.run.dir={run_dir}"],
+        [
+            "model=resnet20",
+            "scheduler=onecycle",
+            *TINY,
+            *data_overrides,
+            *without_callbacks("model_checkpoint"),
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=REPO,
     )
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
