@@ -19,7 +19,12 @@ from conftest import REPO, TINY, run_cli, run_main, without_callbacks
 from resnet_lightning.models import create_model
 
 # Batches of 8, one validation and test batch, and no callbacks but the checkpoints.
-FAST = [*TINY, *without_callbacks("model_checkpoint"), "model=resnet20", "data.batch_size=8"]
+FAST = [
+    *TINY,
+    *without_callbacks("model_checkpoint", "last_checkpoint"),
+    "model=resnet20",
+    "data.batch_size=8",
+]
 FAST += ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 

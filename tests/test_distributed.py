@@ -19,7 +19,12 @@ from conftest import REPO, TINY, cli_env, run_cli, without_callbacks
 from resnet_lightning.eval import evaluate
 
 # Two processes on two CPU cores: one epoch of two batches of 8 per rank.
-DDP = [*TINY, *without_callbacks("model_checkpoint"), "trainer=ddp_cpu", "trainer.max_epochs=1"]
+DDP = [
+    *TINY,
+    *without_callbacks("model_checkpoint", "last_checkpoint"),
+    "trainer=ddp_cpu",
+    "trainer.max_epochs=1",
+]
 DDP += ["trainer.limit_train_batches=2", "data.batch_size=8"]
 JOB_FILES = {".hydra", "checkpoints", "metrics.json", "tensorboard", "train.log"}
 

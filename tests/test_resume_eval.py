@@ -22,7 +22,12 @@ from resnet_lightning.cifar import load_cifar10
 
 # Non-default model options (projection shortcuts change the weights' names), seed 0, and
 # deterministic kernels: three epochs of three batches.
-RUN = [*TINY, *without_callbacks("model_checkpoint"), "model=resnet20", "model.shortcut=B"]
+RUN = [
+    *TINY,
+    *without_callbacks("model_checkpoint", "last_checkpoint"),
+    "model=resnet20",
+    "model.shortcut=B",
+]
 RUN += ["optimizer.lr=0.05", "seed=0"]
 RUN += ["trainer.deterministic=true", "trainer.max_epochs=3", "data.batch_size=8"]
 TEST_KEYS = ("test/acc", "test/acc_top5", "test/loss")
