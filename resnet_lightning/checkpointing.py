@@ -63,8 +63,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CheckpointError(
                     f"the disk is full: could not write checkpoint {path} (nothing partial was "
-                    "left); free space there or point callbacks.model_checkpoint.dirpath at "
-                    "another disk, then continue with resume=auto"
+                    "left); free space there or point callbacks.model_checkpoint.dirpath and "
+                    "callbacks.last_checkpoint.dirpath at another disk, then continue with "
+                    "resume=auto"
                 ) from err
             raise
         finally:

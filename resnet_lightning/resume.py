@@ -35,7 +35,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if resume is None:
         return None
     if resume == "auto":
-        folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+        folder = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
         folder = Path(folder or Path(cfg.paths.output_dir) / "checkpoints")
         remove_partial_checkpoints(folder)
         last = folder / LAST_CHECKPOINT
