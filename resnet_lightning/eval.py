@@ -38,8 +38,12 @@ from resnet_lightning.cli import one_line_errors
 from resnet_lightning.errors import CheckpointError, UsageError
 from resnet_lightning.module import ImageClassifier
 
-# A single process sees every test image once (DDP's sampler pads the last batch with repeats).
-EVAL_TRAINER = {"devices": 1, "num_nodes": 1, "strategy": "auto", "accelerator": "auto"}
+# A single process sees every test image once (DDP's sampler pads the last batch with repeats),
+# all of them even when the run itself tested a few batches (limit_test_batches).
+EVAL_TRAINER = {
+    "devices": 1, "num_nodes": 1, "strategy": "auto", "accelerator": "auto",
+    "limit_test_batches": 1.0,
+}  # fmt: skip
 
 
 class TrainedRun(NamedTuple):
@@ -77,7 +81,7 @@ def predict(
     module.eval()
     with torch.inference_mode():
         batches = [torch.stack(tensors[i : i + 64]) for i in range(0, len(tensors), 64)]
-        probabilities = torch.cat([module(batch).softmax(dim=1) for batch in batches])
+        probabilities = torch.cat([module.predict_logits(b).softmax(dim=1) for b in batches])
     top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
     return [
         (file, [(class_names[c], float(p)) for p, c in zip(values, classes, strict=True)])

@@ -71,11 +71,19 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        images, labels = batch
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The logits validation, test and predict score: with `test_time_flip`, the mean of
+        each image's and its mirror's."""
         logits = self(images)
-        if split != "train" and self.hparams.test_time_flip:
+        if self.hparams.test_time_flip:
             logits = (logits + self(images.flip(-1))) / 2
+        return logits
+
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], split: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images) if split == "train" else self.predict_logits(images)
         loss = self.criterion(logits, labels)
         metrics, mean_loss = self.metrics[f"{split}_"], self.mean_loss[f"{split}_"]
         metrics.update(logits, labels)
@@ -86,10 +94,10 @@ class ImageClassifier(L.LightningModule):
         else:
             self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "train")
-        return loss
+        return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        loss, _ = self._step(batch, "train")
         self._stop_if_diverged(loss)
         return loss
 
@@ -109,8 +117,9 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        _, logits = self._step(batch, "test")
+        return {"logits": logits.detach()}  # for callbacks such as the confusion matrix
 
     def on_train_epoch_start(self) -> None:
         # Frozen BatchNorm layers keep their loaded running statistics (Lightning leaves the

@@ -10,6 +10,7 @@ What remains is the work any training loop must do, so the Trainer's extra time 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,9 +71,8 @@ def run_epoch(
     images = 0
     start = time.perf_counter()
     with torch.set_grad_enabled(training):
-        for i, (x, y) in enumerate(loader):
-            if i == max_batches:
-                break
+        # islice: no batch beyond max_batches is fetched inside the timed window.
+        for x, y in itertools.islice(loader, max_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)

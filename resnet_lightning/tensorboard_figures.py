@@ -49,28 +49,21 @@ class ConfusionMatrixFigure(L.Callback):
     def __init__(self, normalize: str | None = None) -> None:
         self.normalize = normalize  # None: counts; "true": each row sums to 1 (recall)
         self.matrix: MulticlassConfusionMatrix | None = None
-        self._logits: torch.Tensor | None = None
-        self._hook = None
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.matrix = None
-        # The test step returns nothing, so the logits are caught on their way out of forward.
-        self._hook = pl_module.register_forward_hook(self._keep_logits)
-
-    def _keep_logits(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-        self._logits = output.detach()
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        # The logits the test metrics scored (test-time flips included), from the test step.
+        logits = outputs["logits"]
         if self.matrix is None:
-            num_classes = self._logits.shape[1]
-            self.matrix = MulticlassConfusionMatrix(num_classes, normalize=self.normalize)
-            self.matrix = self.matrix.to(self._logits.device)
-        self.matrix.update(self._logits, batch[1])
+            self.matrix = MulticlassConfusionMatrix(logits.shape[1], normalize=self.normalize)
+            self.matrix = self.matrix.to(logits.device)
+        self.matrix.update(logits, batch[1])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hook.remove()
         if self.matrix is None:
             return
         matrix = self.matrix.compute()  # on every process: it gathers across DDP ranks
@@ -96,8 +89,10 @@ class AugmentedImageGrid(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
     ) -> None:
+        if self.logged:
+            return
         writer = tensorboard_writer(trainer)
-        if self.logged or writer is None:
+        if writer is None:
             return
         images = batch[0][: self.num_images].detach().float().cpu()
         datamodule = trainer.datamodule

@@ -134,7 +134,8 @@ def test_eval_rebuilds_the_run_model_and_reproduces_its_test(finished_run, capsy
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # `python -m resnet_lightning.eval ckpt_path=...`, in this process. Built from today's
     # defaults (model=resnet50, shortcut A) the checkpoint would not even load.
-    evaluation.main([f"ckpt_path={metrics['best_checkpoint']}"])
+    # eval tests the whole test set unless told otherwise; the run tested 2 batches.
+    evaluation.main([f"ckpt_path={metrics['best_checkpoint']}", "trainer.limit_test_batches=2"])
     reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reported == pytest.approx({k: metrics[k] for k in TEST_KEYS}, rel=1e-6)
 
