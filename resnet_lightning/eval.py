@@ -6,8 +6,9 @@
     python -m resnet_lightning.eval ckpt_path=<ckpt> 'predict=[a.png,b.jpg]'
 
 Other `key=value` arguments override the run's saved config: `data.path=...`, `data.root=...`,
-`data.batch_size=256`, `trainer.accelerator=cpu`, `trainer.limit_test_batches=null` (the run's
-own test may have been limited to a few batches). The checkpoint is loaded with
+`data.batch_size=256`, `trainer.accelerator=cpu`. The whole test set is tested even when the
+run's own test was limited to a few batches (`trainer.limit_test_batches=2` to limit it again).
+The checkpoint is loaded with
 `weights_only=True`; nothing is written.
 """
 

@@ -75,7 +75,9 @@ def test_ddp_test_metrics_cover_both_ranks(ddp_sweep):
     metrics = json.loads((cwd / "sweep" / "0" / "metrics.json").read_text())
     # Each rank tested 2 batches of 8 (DistributedSampler: images 0, 2, ... and 1, 3, ...):
     # one process testing 2 batches of 16 sees the same 32 images.
-    alone = evaluate(metrics["best_checkpoint"], ["data.batch_size=16"])
+    alone = evaluate(
+        metrics["best_checkpoint"], ["data.batch_size=16", "trainer.limit_test_batches=2"]
+    )
     assert alone["test/acc"] == metrics["test/acc"]
     assert alone["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
