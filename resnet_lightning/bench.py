@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from resnet_lightning.datamodule import CifarDataModule
+from resnet_lightning.files import write_json
 from resnet_lightning.models import create_model
 from resnet_lightning.plain_loop import fit, run_epoch
+from resnet_lightning.report.output import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("pipeline", "train", "overhead")
@@ -129,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(markdown(report))
     path = args.json or REPO / "outputs" / "bench" / f"{started:%Y-%m-%d_%H-%M-%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     print(f"\nwrote {path}")
 
 
@@ -360,11 +361,11 @@ def plain_epochs(
 ) -> list[float]:
     """Epoch times of plain_loop.fit on what the same overrides build: data, model,
     optimizer, scheduler and loss."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("trainer")])
+    from resnet_lightning.config import compose_config
+
+    cfg = compose_config([o for o in overrides if not o.startswith("trainer")])
     device = torch.device("cuda" if "trainer=gpu" in overrides else "cpu")
     torch.manual_seed(0)
     dm = instantiate(cfg.data)
@@ -387,40 +388,34 @@ def markdown(report: dict) -> str:
         + (f", {m['gpu']}" if "gpu" in m else "")
         + f"; torch {m['torch']}; {report['date']}",
     ]
+    rate = {"images/s": "{:,.0f}".format, "peak MB": "{:,}".format}
     if "pipeline" in report:
-        lines += [
-            "",
-            "| pipeline | device | px | workers | images/s |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for r in report["pipeline"]:
-            workers = "-" if r["workers"] is None else r["workers"]
-            lines.append(
-                f"| {r['pipeline']} | {r['device']} | {r['image_size']} | {workers} "
-                f"| {r['images_per_s']:,.0f} |"
-            )
+        rows = [
+            {"pipeline": r["pipeline"], "device": r["device"], "px": r["image_size"],
+             "workers": r["workers"], "images/s": r["images_per_s"]}
+            for r in report["pipeline"]
+        ]  # fmt: skip
+        lines += ["", markdown_table(rows, rate)]
     if "train" in report:
-        lines += [
-            "",
-            "| model | pipeline | batch | device | precision | memory format | images/s "
-            "| peak MB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in report["train"]:
-            peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,}"
-            lines.append(
-                f"| {r['model']} | {r['pipeline']} | {r['batch']} | {r['device']} "
-                f"| {r['precision']} | {r['memory_format']} | {r['images_per_s']:,.0f} | {peak} |"
-            )
+        rows = [
+            {"model": r["model"], "pipeline": r["pipeline"], "batch": r["batch"],
+             "device": r["device"], "precision": r["precision"],
+             "memory format": r["memory_format"], "images/s": r["images_per_s"],
+             "peak MB": r["peak_memory_mb"]}
+            for r in report["train"]
+        ]  # fmt: skip
+        lines += ["", markdown_table(rows, rate)]
     if "overhead" in report:
         o = report["overhead"]
+        row = {"framework overhead": o["model"], "device": o["device"],
+               "precision": o["precision"], "batch": o["batch"],
+               "plain loop epoch s*": o["plain_s"], "Trainer epoch s*": o["framework_s"],
+               "ratio": o["ratio"]}  # fmt: skip
+        seconds = "{:.3f}".format
+        formats = {"plain loop epoch s*": seconds, "Trainer epoch s*": seconds, "ratio": seconds}
         lines += [
             "",
-            "| framework overhead | device | precision | batch | plain loop epoch s* "
-            "| Trainer epoch s* | ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            f"| {o['model']} | {o['device']} | {o['precision']} | {o['batch']} "
-            f"| {o['plain_s']:.3f} | {o['framework_s']:.3f} | {o['ratio']:.3f} |",
+            markdown_table([row], formats),
             "",
             f"\\* the fastest epoch after the first of each run, {len(o['plain_epoch_s'])} run(s) "
             f"each of {o['train_batches_per_epoch'] or 'all'} training batches an epoch",

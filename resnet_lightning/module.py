@@ -66,7 +66,13 @@ class ImageClassifier(L.LightningModule):
         accuracy = MetricCollection(accuracy)
         # Keyed "<split>_" because ModuleDict keys may not shadow Module methods like train().
         self.metrics = nn.ModuleDict({f"{s}_": accuracy.clone(prefix=f"{s}/") for s in SPLITS})
-        self.mean_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in SPLITS})
+        # No NaN check: it reads the loss back every step, a host sync that stalls a GPU until
+        # it has caught up (divergence is caught below, at logging steps).
+        self.mean_loss = nn.ModuleDict(
+            {f"{s}_": MeanMetric(nan_strategy="disable") for s in SPLITS}
+        )
+        # The first non-finite training loss, as (global step, loss), kept on the device.
+        self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -87,7 +93,9 @@ class ImageClassifier(L.LightningModule):
         loss = self.criterion(logits, labels)
         metrics, mean_loss = self.metrics[f"{split}_"], self.mean_loss[f"{split}_"]
         metrics.update(logits, labels)
-        mean_loss.update(loss, weight=len(labels))
+        # One value per image: MeanMetric(nan_strategy="disable") drops `weight`
+        # (torchmetrics#3434), and a short last batch must count for its images only.
+        mean_loss.update(loss.detach().expand(len(labels)))
         if split == "train":
             self.log("train/loss", loss, prog_bar=True)  # every step
             self.log("train/loss_epoch", mean_loss, on_step=False, on_epoch=True)
@@ -98,21 +106,52 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, "train")
-        self._stop_if_diverged(loss)
+        self._record_if_nonfinite(loss)
+        if self._is_check_step(batch_idx):
+            self._stop_if_diverged()
         return loss
 
-    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+    def _is_check_step(self, batch_idx: int) -> bool:
+        """Whether to read the divergence record back (a host sync) after this batch: at
+        logging steps, and before validation, the epoch's end or the last step, so that a
+        diverged run stops before it writes a checkpoint. Inside training_step, so that every
+        DDP rank joins the decision at the same point."""
+        trainer, batches = self.trainer, batch_idx + 1
+        val_every = trainer.val_check_batch
+        return (
+            batches % trainer.log_every_n_steps == 0
+            or (isinstance(val_every, int) and batches % val_every == 0)
+            or batches >= trainer.num_training_batches
+            or 0 < trainer.max_steps <= self.global_step + 1
+        )
+
+    def on_fit_start(self) -> None:
+        self._nonfinite = None
+
+    def _record_if_nonfinite(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        if self._nonfinite is None:
+            self._nonfinite = (torch.tensor(-1, device=loss.device), torch.zeros_like(loss))
+        step, value = self._nonfinite
+        first = ~loss.isfinite() & (step < 0)
+        self._nonfinite = (
+            torch.where(first, self.global_step, step),
+            torch.where(first, loss, value),
+        )
+
+    def _stop_if_diverged(self) -> None:
+        step, value = (t.item() for t in self._nonfinite)
         # Decided on all ranks together, so that every DDP rank stops at the same step instead
-        # of waiting forever in the next all-reduce. The progress bar syncs on the loss anyway.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(loss.isfinite()), all=True)
-        if not finite:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            raise TrainingDivergedError(
-                f"the training loss became {loss.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}); training stopped there and wrote no metrics: "
-                f"lower optimizer.lr (it is {lr:g}) or clip gradients with "
-                "trainer.gradient_clip_val=1.0"
-            )
+        # of waiting forever in the next all-reduce.
+        if not self.trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
+            return
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        where = f"became {value} at step {step}" if step >= 0 else "diverged on another rank"
+        raise TrainingDivergedError(
+            f"the training loss {where}; training stopped at step {self.global_step} (epoch "
+            f"{self.current_epoch}) and wrote no metrics: lower optimizer.lr (it is {lr:g}) or "
+            "clip gradients with trainer.gradient_clip_val=1.0"
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -18,7 +18,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
 from resnet_lightning.datamodule import NORMALIZATION, CifarDataModule
-from resnet_lightning.report.params import parameter_counts, plot_parameter_counts, stages
+from resnet_lightning.models.summary import parameter_counts, stages
+from resnet_lightning.report.params import plot_parameter_counts
 
 
 def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:

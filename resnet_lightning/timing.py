@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
+
+from resnet_lightning.files import write_json
 
 
 class EpochTimer(L.Callback):
@@ -50,11 +49,7 @@ class EpochTimer(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.path and self.epoch_s and trainer.is_global_zero:
-            path = Path(self.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-            os.replace(tmp, path)
+            write_json(self.path, self.summary())
 
 
 def _synchronize(device: torch.device) -> None:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -25,12 +26,13 @@ from resnet_lightning.checkpointing import (
     load_checkpoint_file,
 )
 from resnet_lightning.cli import hydra_job, one_line_errors, process_argv
+from resnet_lightning.config import CONFIG_DIR
 from resnet_lightning.config_checks import check_config
 from resnet_lightning.errors import UsageError
+from resnet_lightning.files import write_json
 from resnet_lightning.resume import ReseedEachEpoch, resume_checkpoint
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Columns of TensorBoard's HPARAMS tab besides the model, optimizer, scheduler, seed and overrides.
 HPARAM_KEYS = (
     "model.stem", "data.batch_size", "data.image_size", "data.augment", "module.label_smoothing",
@@ -63,6 +65,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_checkpoint_fits(module, load_checkpoint_file(resume_path), resume_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c]
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
@@ -91,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "best_checkpoint": best_path,
     }
     if trainer.is_global_zero:
-        _write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
     log_final_hparams(trainer, cfg, metrics)
     return metrics
@@ -125,12 +129,6 @@ def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, An
             # trainer.test closed the writer: this writes a second events file, then closes it.
             logger.log_hyperparams(tensorboard_hparams(cfg), final, step=trainer.global_step)
             logger.finalize("success")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

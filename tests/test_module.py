@@ -1,13 +1,16 @@
-"""The LightningModule's optimizer wiring for fine-tuning: backbone LR and a frozen backbone."""
+"""The LightningModule: optimizer wiring for fine-tuning (backbone LR, frozen backbone), the
+epoch loss, and stopping on divergence."""
 
 from __future__ import annotations
 
 from functools import partial
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from resnet_lightning.errors import TrainingDivergedError
 from resnet_lightning.models import create_model
 from resnet_lightning.module import ImageClassifier
 
@@ -58,3 +61,39 @@ def test_frozen_backbone_trains_the_head_alone_and_keeps_bn_statistics():
     after = module.net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}, changed  # running_mean/var included
+
+
+def test_epoch_loss_counts_each_image_once():
+    module = classifier()
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=3)  # batches of 3 and 1
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (metrics,) = trainer.validate(module, dataloaders=loader)
+    module.eval()
+    with torch.no_grad():
+        per_image = torch.nn.functional.cross_entropy(module(images), labels, reduction="none")
+        batch_means = [per_image[:3].mean(), per_image[3:].mean()]
+    assert abs(metrics["val/loss"] - per_image.mean().item()) < 1e-5
+    assert abs(per_image.mean() - sum(batch_means) / 2) > 1e-4  # the two means differ here
+
+
+@pytest.mark.parametrize("val_check_interval", [None, 3])
+def test_divergence_between_log_steps_stops_before_any_checkpoint(tmp_path, val_check_interval):
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    images[8:16] = float("nan")  # the second of six batches of 8
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    # Without the check before validation, validating after batch 3 would save a checkpoint.
+    val_loader = loader if val_check_interval else None
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, log_every_n_steps=50, logger=False,
+        val_check_interval=val_check_interval, num_sanity_val_steps=0, limit_val_batches=1,
+        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    stop = 2 if val_check_interval else 5  # the batch before validation, or the epoch's last
+    with pytest.raises(
+        TrainingDivergedError, match=f"became nan at step 1; training stopped at step {stop} "
+    ):
+        trainer.fit(classifier(), train_dataloaders=loader, val_dataloaders=val_loader)
+    assert not list(tmp_path.rglob("*.ckpt"))

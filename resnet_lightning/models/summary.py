@@ -6,6 +6,8 @@ and little time: FlopCounterMode counts conv and matmul FLOPs on meta tensors.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,6 +28,23 @@ def count_macs(model: nn.Module, input_size: int) -> int:
         model.eval()(x)
     model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's top-level children that hold parameters: conv1, bn1, layer1..N, fc for the
+    ResNets; features, classifier for VGG and DenseNet."""
+    return [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, Counter[str]]:
+    """{stage: {layer type: parameters}}; a layer type is the class that owns the tensors."""
+    counts: dict[str, Counter[str]] = {}
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own:
+            stage = name.split(".")[0] or type(model).__name__
+            counts.setdefault(stage, Counter())[type(module).__name__] += own
+    return counts
 
 
 def _si(n: int) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from resnet_lightning.files import write_atomic
 
 Row = dict[str, Any]
 
@@ -54,14 +55,7 @@ def png_bytes(figure: Figure, dpi: int = 120) -> bytes:
 
 def write_files(files: dict[Path, str | bytes]) -> list[Path]:
     """Write every file through a temporary name, so none is ever left half-written."""
-    written = []
-    for path, content in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-        os.replace(tmp, path)
-        written.append(path)
-    return written
+    return [write_atomic(path, content) for path, content in files.items()]
 
 
 def percent(value: float) -> str:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from torch import nn
 
+from resnet_lightning.config import compose_config
 from resnet_lightning.errors import UsageError
+from resnet_lightning.models.summary import parameter_counts
 from resnet_lightning.report.output import (
     csv_text,
     markdown_table,
@@ -25,24 +25,6 @@ from resnet_lightning.report.output import (
     thousands,
     write_files,
 )
-from resnet_lightning.train import CONFIG_DIR
-
-
-def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's top-level children that hold parameters: conv1, bn1, layer1..N, fc for the
-    ResNets; features, classifier for VGG and DenseNet."""
-    return [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
-
-
-def parameter_counts(model: nn.Module) -> dict[str, Counter[str]]:
-    """{stage: {layer type: parameters}}; a layer type is the class that owns the tensors."""
-    counts: dict[str, Counter[str]] = {}
-    for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        if own:
-            stage = name.split(".")[0] or type(model).__name__
-            counts.setdefault(stage, Counter())[type(module).__name__] += own
-    return counts
 
 
 def parameter_rows(counts: dict[str, Counter[str]]) -> list[dict[str, object]]:
@@ -93,13 +75,7 @@ def plot_parameter_counts(counts: dict[str, Counter[str]], title: str) -> Figure
 def build_model(overrides: list[str]) -> tuple[nn.Module, str]:
     """The model exactly as `python -m resnet_lightning OVERRIDES` builds it (on the meta
     device: shapes only, no memory), and its name."""
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-    except HydraException as err:
-        # Hydra's message continues with every option and the search path: keep its first part.
-        message = " ".join(str(err).strip().split("\n\n")[0].split())
-        raise UsageError(f"{' '.join(overrides)}: {message}") from None
+    cfg = compose_config(overrides)
     cfg.model.pretrained = None  # counting needs shapes, not weights
     cfg.model.compile = False
     with torch.device("meta"):
