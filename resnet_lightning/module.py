@@ -112,14 +112,14 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def _is_check_step(self, batch_idx: int) -> bool:
-        """Whether to read the divergence record back (a host sync) after this batch: at
-        logging steps, and before validation, the epoch's end or the last step, so that a
-        diverged run stops before it writes a checkpoint. Inside training_step, so that every
-        DDP rank joins the decision at the same point."""
+        """Whether this step reads the divergence record back (a host sync): at logging
+        steps, and before validation, the epoch's end or the last step, so that a diverged run
+        stops before it writes a checkpoint. Inside training_step, so that every DDP rank joins
+        the decision at the same point."""
         trainer, batches = self.trainer, batch_idx + 1
-        val_every = trainer.val_check_batch
+        log_every, val_every = trainer.log_every_n_steps, trainer.val_check_batch
         return (
-            batches % trainer.log_every_n_steps == 0
+            (log_every > 0 and batches % log_every == 0)
             or (isinstance(val_every, int) and batches % val_every == 0)
             or batches >= trainer.num_training_batches
             or 0 < trainer.max_steps <= self.global_step + 1

@@ -79,15 +79,17 @@ def test_epoch_loss_counts_each_image_once():
     assert abs(per_image.mean() - sum(batch_means) / 2) > 1e-4  # the two means differ here
 
 
-@pytest.mark.parametrize("val_check_interval", [None, 3])
-def test_divergence_between_log_steps_stops_before_any_checkpoint(tmp_path, val_check_interval):
+@pytest.mark.parametrize(("val_check_interval", "log_every"), [(None, 50), (3, 50), (None, 0)])
+def test_divergence_between_log_steps_stops_before_any_checkpoint(
+    tmp_path, val_check_interval, log_every
+):
     images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
     images[8:16] = float("nan")  # the second of six batches of 8
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
     # Without the check before validation, validating after batch 3 would save a checkpoint.
     val_loader = loader if val_check_interval else None
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=3, log_every_n_steps=50, logger=False,
+        accelerator="cpu", max_epochs=3, log_every_n_steps=log_every, logger=False,
         val_check_interval=val_check_interval, num_sanity_val_steps=0, limit_val_batches=1,
         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
