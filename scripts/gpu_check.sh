@@ -9,7 +9,7 @@
 # the benchmark and the GPU tests, then more fast94 runs (other seeds; fewer epochs if the
 # first runs clear 94% with room, more if they do not) while time is left. Every step has a
 # time limit and a failed step does not stop the others. Written to $OUT: gpu_check.log (all
-# output), bench.json, fast94.json.
+# output), bench.json, fast94.json, host_syncs.json.
 #
 # GPU_CHECK_DRY=1 PY=.venv/bin/python bash scripts/gpu_check.sh  rehearses it on a CPU at
 # tiny sizes (the GPU tests skip themselves).
@@ -131,4 +131,14 @@ while ((DEADLINE - SECONDS > 75)); do
     read -r done_runs mean_acc < <(summary) || true
 done
 summary >/dev/null
+
+# With the time left: host syncs per training step on the GPU (callbacks=host_syncs; the CPU
+# count is in docs/performance.md), resnet18 bf16 channels-last on the tensor path.
+SYNCS=(callbacks=host_syncs model=resnet18 data.pipeline=tensor data.root=$REPO/data
+    trainer=gpu trainer.precision=bf16-mixed model.channels_last=true
+    trainer.enable_progress_bar=false trainer.max_epochs=1 trainer.limit_train_batches=20
+    trainer.limit_val_batches=2 trainer.limit_test_batches=2 trainer.log_every_n_steps=10)
+[ "$DRY" = 1 ] && SYNCS+=(trainer=cpu data.batch_size=16 trainer.limit_train_batches=4)
+step host-syncs 45 $PY -m resnet_lightning "${SYNCS[@]}" hydra.run.dir=/tmp/host_syncs &&
+    cp /tmp/host_syncs/host_syncs.json "$OUT/"
 echo "### done at ${SECONDS}s"
