@@ -13,7 +13,7 @@ import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -49,12 +49,22 @@ def load_cifar10(root: str | os.PathLike, path: str | os.PathLike | None = None)
         except Exception as err:  # a cache from another version or a broken disk: rebuild it
             cache.unlink(missing_ok=True)
             print(f"rebuilding unreadable cache {cache} ({err})")
+    try:  # before decoding, which takes a while
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"cannot create data.root={root} ({err}); set data.root to a writable folder"
+        ) from None
     arrays = _read_torchvision(root) if path is None else _read_image_tree(Path(path))
-    root.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     try:
         torch.save(vars(arrays), tmp)
         os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    except OSError as err:
+        raise DataError(
+            f"cannot write the data cache {cache} ({err}); set data.root to a writable folder "
+            "with 200 MB free"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return arrays
@@ -69,8 +79,10 @@ def _source_key(path: str | os.PathLike | None) -> str:
             f"data.path={path} does not exist; point data.path at a CIFAR-10 image-folder tree "
             "or archive, or set data.path=null to download CIFAR-10 into data.root"
         )
-    stat = path.stat()
-    ident = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
+    # A folder's own size and time do not change when an image inside it does: key on all.
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    stats = [(f.as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    ident = f"{path}|{stats}|{CACHE_VERSION}"
     return f"{path.name.split('.')[0]}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
@@ -99,10 +111,8 @@ def _read_image_tree(path: Path) -> CifarArrays:
     """Decode every image of a tree or archive, keyed by the split and class folders."""
     images: dict[str, list[tuple[str, str, bytes]]] = {split: [] for split in SPLITS}
     try:
-        for name, data in _iter_files(path):
+        for name, data in _iter_files(path, _is_image):
             parts = PurePosixPath(name).parts
-            if PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
             # The split folder may sit under a top folder (cifar10/train/cat/0001.jpg).
             for i, part in enumerate(parts[:-2]):
                 if part in SPLITS:
@@ -114,6 +124,9 @@ def _read_image_tree(path: Path) -> CifarArrays:
                 f"{path} has no train/<class>/<image> and test/<class>/<image> files; "
                 "point data.path at a CIFAR-10 image-folder tree or an archive of one"
             )
+        unknown = {cls for cls, _, _ in images["test"]} - set(classes)
+        if unknown:
+            raise DataError(f"{path}: test classes {sorted(unknown)} are not in train")
         index = {cls: i for i, cls in enumerate(classes)}
         arrays = {}
         for split in SPLITS:
@@ -122,9 +135,6 @@ def _read_image_tree(path: Path) -> CifarArrays:
             entries = sorted(images[split], key=lambda e: e[1])
             order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(0))
             entries = [entries[i] for i in order]
-            unknown = {cls for cls, _, _ in entries} - index.keys()
-            if unknown:
-                raise DataError(f"{path}: test classes {sorted(unknown)} are not in train")
             arrays[f"{split}_images"] = torch.stack([_decode(n, d) for _, n, d in entries])
             arrays[f"{split}_labels"] = torch.tensor([index[cls] for cls, _, _ in entries])
     except (
@@ -148,17 +158,22 @@ def _decode(name: str, data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
 
 
-def _iter_files(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(relative posix name, bytes) of every regular file in a folder or an archive."""
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _iter_files(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(relative posix name, bytes) of every regular file of a folder or an archive whose
+    name is `wanted` (the others are not read)."""
     if path.is_dir():
         for file in sorted(path.rglob("*")):
-            if file.is_file():
-                yield file.relative_to(path).as_posix(), file.read_bytes()
+            if file.is_file() and wanted(name := file.relative_to(path).as_posix()):
+                yield name, file.read_bytes()
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if not info.is_dir():
-                    yield _safe_name(path, info.filename), archive.read(info)
+                if not info.is_dir() and wanted(name := _safe_name(path, info.filename)):
+                    yield name, archive.read(info)
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as archive:
             for member in archive:
@@ -167,8 +182,8 @@ def _iter_files(path: Path) -> Iterator[tuple[str, bytes]]:
                         f"{path} holds a link ({member.name}); links are refused in data "
                         "archives, repack it with plain files"
                     )
-                if member.isfile():
-                    yield _safe_name(path, member.name), archive.extractfile(member).read()
+                if member.isfile() and wanted(name := _safe_name(path, member.name)):
+                    yield name, archive.extractfile(member).read()
     else:
         raise DataError(
             f"could not read {path}: not a folder, .tar, .tar.gz or .zip (corrupt or incomplete?); "

@@ -7,7 +7,7 @@ import os
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from resnet_lightning.cifar import CifarArrays, load_cifar10
@@ -25,25 +25,17 @@ NORMALIZATION = {
 
 
 class ImageTensorDataset(Dataset):
-    """Views uint8 HWC images through an index (no copy); items go through PIL like
-    torchvision's CIFAR10."""
+    """uint8 HWC images (viewed, not copied); items go through PIL like torchvision's
+    CIFAR10."""
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        transform: v2.Transform,
-        index: torch.Tensor | None = None,
-    ):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform):
         self.images, self.labels, self.transform = images, labels, transform
-        self.index = torch.arange(len(labels)) if index is None else index
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.index[i])
-        return self.transform(Image.fromarray(self.images[j].numpy())), int(self.labels[j])
+        return self.transform(Image.fromarray(self.images[i].numpy())), int(self.labels[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         # A DataLoader fetches each batch through here. With num_workers=0 that is the training
@@ -169,9 +161,10 @@ class CifarDataModule(L.LightningDataModule):
         index = self.train_index if split == "train" else self.val_index
         return arrays.train_images, arrays.train_labels, index
 
-    def _dataset(self, split: str) -> ImageTensorDataset:
+    def _dataset(self, split: str) -> Dataset:
         images, labels, index = self._split(split, self.arrays)
-        return ImageTensorDataset(images, labels, self.transform(split == "train"), index)
+        dataset = ImageTensorDataset(images, labels, self.transform(split == "train"))
+        return dataset if index is None else Subset(dataset, index.tolist())
 
     def tensor_loader(
         self, split: str, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1

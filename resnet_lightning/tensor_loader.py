@@ -118,8 +118,9 @@ class TensorLoader:
         self.image_size = image_size or images.shape[1]
         self.cutout = round(cutout * self.image_size / images.shape[1])
         self.seed, self.rank = seed, rank
-        # Lightning calls loader.sampler.set_epoch(epoch) as it does for DataLoaders; batches
-        # are cut from the sampler's order directly (a DataLoader's batch_sampler=None).
+        # Lightning calls loader.sampler.set_epoch(epoch) as it does for DataLoaders, and reads
+        # batch_sampler (to check evaluation shuffling); batches are cut from the sampler's
+        # order directly.
         self.sampler = DistributedSampler(
             self.index, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
         )

@@ -67,6 +67,15 @@ def data_overrides(data_root, cifar_archive) -> list[str]:
     return [f"data.root={data_root}", f"data.path={cifar_archive}"]
 
 
+def make_datamodule(data_root, cifar_archive, **kwargs):
+    """A CifarDataModule on the session's data, set up, loading in the test process."""
+    from resnet_lightning.datamodule import CifarDataModule
+
+    dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
+    dm.setup()
+    return dm
+
+
 def compose_config(overrides: list[str] = ()):
     """The real conf/ composed as the CLI would, minus Hydra's runtime-only keys."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

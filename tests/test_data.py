@@ -5,10 +5,13 @@ from __future__ import annotations
 import tarfile
 import time
 import zipfile
+from urllib.error import URLError
 
 import pytest
 import torch
-from conftest import SHARED_CIFAR, make_image_archive
+from conftest import SHARED_CIFAR, make_datamodule, make_image_archive
+from PIL import Image
+from torchvision.datasets import CIFAR10
 
 from resnet_lightning.cifar import load_cifar10
 from resnet_lightning.datamodule import CifarDataModule
@@ -52,9 +55,9 @@ def test_folder_tree_and_zip_give_the_same_arrays(tmp_path):
     ref = load_cifar10(tmp_path / "c1", archive)
     for source, cache in ((tree, "c2"), (zipped, "c3")):
         other = load_cifar10(tmp_path / cache, source)
-        assert torch.equal(ref.train_images, other.train_images)
-        assert torch.equal(ref.test_labels, other.test_labels)
         assert ref.classes == other.classes
+        for name in ("train_images", "train_labels", "test_images", "test_labels"):
+            assert torch.equal(getattr(ref, name), getattr(other, name)), name
 
 
 def test_corrupt_archive_is_a_clear_error_and_leaves_no_cache(tmp_path, cifar_archive):
@@ -66,11 +69,35 @@ def test_corrupt_archive_is_a_clear_error_and_leaves_no_cache(tmp_path, cifar_ar
     assert not root.exists() or not any(root.iterdir())
 
 
-def test_offline_without_data_says_where_it_looked(tmp_path):
+def test_offline_without_data_says_where_it_looked(tmp_path, monkeypatch):
+    def offline(self):
+        raise URLError("no network")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
     with pytest.raises(DataError, match="data.path") as err:
         load_cifar10(tmp_path / "empty")
     assert str(tmp_path / "empty") in str(err.value)
     assert not list((tmp_path / "empty").glob("cifar10-*.pt"))
+
+
+def test_an_edited_image_folder_is_decoded_again(tmp_path):
+    archive = make_image_archive(tmp_path / "small.tar.gz", train_per_class=3, test_per_class=2)
+    tree = tmp_path / "tree"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    before = load_cifar10(tmp_path / "cache", tree)
+    image = next((tree / "cifar" / "train" / "cat").glob("*.png"))
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)  # the folders' own stats stay
+    after = load_cifar10(tmp_path / "cache", tree)
+    assert not torch.equal(before.train_images, after.train_images)
+    assert (after.train_images == torch.tensor([255, 0, 0], dtype=torch.uint8)).all(-1).any()
+
+
+def test_unwritable_data_root_is_a_clear_error_before_decoding(tmp_path, cifar_archive):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(DataError, match="set data.root to a writable folder"):
+        load_cifar10(blocked / "cache", cifar_archive)
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
@@ -92,12 +119,6 @@ def test_unsafe_archive_entries_are_refused(tmp_path):
         tar.addfile(info)
     with pytest.raises(DataError, match="link"):
         load_cifar10(tmp_path / "cache", linked)
-
-
-def make_datamodule(data_root, cifar_archive, **kwargs) -> CifarDataModule:
-    dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
-    dm.setup("fit")
-    return dm
 
 
 def test_seeded_validation_split(data_root, cifar_archive):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SHARED_CIFAR, TINY, run_cli
+from conftest import REPO, SHARED_CIFAR, TINY, make_datamodule, run_cli
 from PIL import Image
 
 from resnet_lightning.datamodule import NORMALIZATION, CifarDataModule
@@ -22,12 +22,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 MEAN, STD = NORMALIZATION["cifar"]
 
 
-def datamodule(data_root, cifar_archive, **kwargs) -> CifarDataModule:
-    dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
-    dm.setup()
-    return dm
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("image_size", "normalization"), [(32, "cifar"), (224, "imagenet")])
 def test_unaugmented_batches_equal_the_torchvision_ones(
@@ -35,10 +29,10 @@ def test_unaugmented_batches_equal_the_torchvision_ones(
 ):
     kwargs = {"batch_size": 64, "image_size": image_size, "normalization": normalization}
     expected_images, expected_labels = next(
-        iter(datamodule(data_root, cifar_archive, **kwargs).val_dataloader())
+        iter(make_datamodule(data_root, cifar_archive, **kwargs).val_dataloader())
     )
     for channels_last in (False, True):
-        dm = datamodule(
+        dm = make_datamodule(
             data_root, cifar_archive, pipeline="tensor", channels_last=channels_last, **kwargs
         )
         images, labels = next(iter(dm.tensor_loader("val", device)))
@@ -160,7 +154,7 @@ def test_ddp_ranks_partition_each_epoch_and_reshuffle_deterministically():
 
 
 def test_the_data_set_is_held_once_as_uint8(data_root, cifar_archive):
-    dm = datamodule(data_root, cifar_archive, pipeline="tensor", val_size=5000)
+    dm = make_datamodule(data_root, cifar_archive, pipeline="tensor", val_size=5000)
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
     arrays = dm.arrays
     for loader, images in ((train, arrays.train_images), (val, arrays.train_images),

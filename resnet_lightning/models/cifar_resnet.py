@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .registry import register, register_variant
-from .resnet import BLOCK_TYPES, HE2016, HE2016_PREACT, XIE2017, ZAGORUYKO2016, Bottleneck, ResNet
+from .resnet import BLOCK_TYPES, HE2016, HE2016_PREACT, XIE2017, ZAGORUYKO2016, ResNet
 
 
 def cifar_resnet(
@@ -22,6 +22,7 @@ def cifar_resnet(
     widen_factor: int = 1,
     shortcut: str = "A",
     stem: str = "cifar",
+    stem_width: int = 16,
     **kwargs: Any,
 ) -> ResNet:
     """CIFAR ResNet of `depth` layers; `plain=True` (passed on to ResNet) drops shortcuts."""
@@ -32,7 +33,7 @@ def cifar_resnet(
         raise ValueError(f"depth must be {3 * convs_per_block}n + 2 for this block, got {depth}")
     widths = [planes * widen_factor for planes in (16, 32, 64)]
     return ResNet(
-        block, [n] * 3, num_classes, widths=widths, stem=stem, stem_width=16,
+        block, [n] * 3, num_classes, widths=widths, stem=stem, stem_width=stem_width,
         shortcut=shortcut, **kwargs,
     )  # fmt: skip
 
@@ -60,27 +61,22 @@ def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs:
     WRN depth counts the three 1x1 projection convs but not the classifier, so it is
     6n + 4 where the CIFAR ResNet's is 6n + 2.
     """
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WRN depth must be 6n + 4 (10, 16, 22, 28, ...), got {depth}")
     return cifar_resnet(
         depth - 2, preact=True, widen_factor=widen_factor, shortcut="B", dropout=dropout,
         **kwargs,
     )  # fmt: skip
 
 
-register_variant("wrn28_10", "Wide ResNet (CIFAR)", 32, ZAGORUYKO2016, wrn, 28, 10)
+# Dropout 0.3: the paper's best CIFAR setting.
+register_variant("wrn28_10", "Wide ResNet (CIFAR)", 32, ZAGORUYKO2016, wrn, 28, 10, dropout=0.3)
 
 
-def resnext29(
-    cardinality: int, bottleneck_width: int, num_classes: int = 10, **kwargs: Any
-) -> ResNet:
-    """ResNeXt-29 for CIFAR: 3 stages of 3 grouped bottlenecks, 64-px stem width, 1024 out."""
-    kwargs.setdefault("stem", "cifar")
-    return ResNet(
-        Bottleneck, [3, 3, 3], num_classes, widths=(64, 128, 256),
-        groups=cardinality, width_per_group=bottleneck_width, **kwargs,
-    )  # fmt: skip
-
-
+# ResNeXt-29 (C x 64d): three stages of three grouped bottlenecks on a 64-channel stem.
 for _cardinality in (8, 16):
     register_variant(
-        f"resnext29_{_cardinality}x64d", "ResNeXt (CIFAR)", 32, XIE2017, resnext29, _cardinality, 64
-    )
+        f"resnext29_{_cardinality}x64d", "ResNeXt (CIFAR)", 32, XIE2017, cifar_resnet, 29,
+        bottleneck=True, widen_factor=4, stem_width=64, shortcut="B", groups=_cardinality,
+        width_per_group=64,
+    )  # fmt: skip

@@ -51,8 +51,13 @@ def load_pretrained(model: nn.Module, info: ModelInfo, source: str) -> None:
         for k, v in state_dict.items()
         if k in own and own[k].shape != v.shape
     ]
-    missing = [k for k in own if k not in state_dict and not k.startswith(head)]
-    unexpected = [k for k in state_dict if k not in own]
+    missing, unexpected = [], []
+    if not mismatched:  # load_state_dict raises on shapes, even with strict=False
+        # torch's own key check: BatchNorm fills in a num_batches_tracked the file lacks
+        # (torchvision's older weights predate it).
+        result = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(head)]
+        unexpected = result.unexpected_keys
     if mismatched or missing or unexpected:
         problems = [
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
@@ -69,4 +74,3 @@ def load_pretrained(model: nn.Module, info: ModelInfo, source: str) -> None:
             "build it with the arguments the weights were trained with (stem=imagenet for "
             "torchvision's)"
         )
-    model.load_state_dict(state_dict, strict=False)

@@ -67,7 +67,8 @@ def register_variant(
     torchvision_weights: bool = False,
     **config: Any,
 ) -> None:
-    """Register `name` as `builder(*args, **config)`; arguments given at build time win.
+    """Register `name` as `builder(*args, **config)`; keyword settings can be overridden at
+    build time, positional ones (the depth) are fixed.
 
     A partial rather than a closure keeps models, which carry their ModelInfo, picklable.
     """

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.resnet import conv1x1, conv3x3
 
 from .registry import register_variant
 
@@ -30,14 +31,6 @@ ZAGORUYKO2016 = "Zagoruyko & Komodakis 2016, Wide ResNets (arXiv:1605.07146)"
 HE2019 = "He et al. 2019, Bag of Tricks, ResNet-D (arXiv:1812.01187)"
 
 STEMS = ("imagenet", "cifar", "deep")
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
 class ZeroPadShortcut(nn.Module):

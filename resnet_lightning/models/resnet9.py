@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.resnet import conv3x3
 
 from .registry import register
-from .resnet import conv3x3
 
 PAGE2019 = "Page 2019, How to Train Your ResNet (myrtle.ai), DAWNBench CIFAR-10 ResNet-9"
 
