@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import errno
-import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from lightning.fabric.utilities.types import _PATH
 from torch import nn
 
 from resnet_lightning.errors import UNSAFE_PICKLE, CheckpointError, unsafe_file_message
+from resnet_lightning.files import write_atomic
 
 # Suffix of the temporary files a save writes; one left behind is a save that was killed.
 PARTIAL_SUFFIX = ".partial"
@@ -43,20 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-            # O_NOFOLLOW: never write through a link planted in the folder; 0o666 & umask
-            # gives the permissions any other file of the run gets.
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-            with os.fdopen(os.open(tmp, flags, 0o666), "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())  # the data is on disk before the name points at it
-            os.replace(tmp, path)
-            tmp = None
+            write_atomic(path, lambda file: torch.save(checkpoint, file), PARTIAL_SUFFIX)
         except (OSError, RuntimeError) as err:
             # torch's zip writer reports the OSError of a full disk as a RuntimeError.
             cause = err if isinstance(err, OSError) else err.__context__
@@ -68,9 +57,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "resume=auto"
                 ) from err
             raise
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any = "cpu", weights_only: bool | None = None
@@ -80,13 +66,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location)
 
 
-def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing code from it (`weights_only=True`)."""
+def load_checkpoint_file(
+    path: _PATH, map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint without executing code from it (`weights_only=True`); with `mmap`,
+    tensors are read from disk only when touched."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        # torch maps only its zip format; anything else is read whole (and judged) as before.
+        mmap = mmap and zipfile.is_zipfile(path)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if UNSAFE_PICKLE not in str(err):
             raise _corrupt(path, err) from err

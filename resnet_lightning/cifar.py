@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from resnet_lightning.errors import DataError
+from resnet_lightning.files import write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 SPLITS = ("train", "test")
@@ -56,17 +57,13 @@ def load_cifar10(root: str | os.PathLike, path: str | os.PathLike | None = None)
             f"cannot create data.root={root} ({err}); set data.root to a writable folder"
         ) from None
     arrays = _read_torchvision(root) if path is None else _read_image_tree(Path(path))
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    try:
-        torch.save(vars(arrays), tmp)
-        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
-    except OSError as err:
+    try:  # atomic: a killed run never leaves a half-written cache
+        write_atomic(cache, lambda file: torch.save(vars(arrays), file))
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as RuntimeError
         raise DataError(
             f"cannot write the data cache {cache} ({err}); set data.root to a writable folder "
             "with 200 MB free"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return arrays
 
 

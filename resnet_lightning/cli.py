@@ -27,6 +27,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from resnet_lightning.errors import UNSAFE_PICKLE, find_usage_error, unsafe_file_message
 from resnet_lightning.resume import with_saved_overrides
 
+# Configs of the optional Hydra plugins, by the pyproject extra that installs each.
+PLUGIN_CONFIGS = {"optuna": "sweep", "joblib": "sweep", "submitit_slurm": "slurm"}
 # Set by a Hydra job for the DDP ranks Lightning starts: the job's own command line.
 JOB_ARGV_ENV = "RESNET_LIGHTNING_JOB_ARGV"
 # Ranks other than 0 write no .hydra/ folder and no log file.
@@ -118,8 +120,14 @@ def describe_bad_input(err: BaseException) -> str | None:
     usage_error = find_usage_error(err)
     if usage_error is not None:
         return str(usage_error)
-    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
+        if name in PLUGIN_CONFIGS:  # a config that an optional Hydra plugin brings
+            return (
+                f"{group}={name} needs a Hydra plugin that is not installed; "
+                f"pip install -e '.[{PLUGIN_CONFIGS[name]}]'"
+            )
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         options = ", ".join(o for o in err.options if not o.startswith("_"))
         return f"{group}={name} is unknown (no conf/{group}/{name}.yaml); choose one of: {options}"
     if isinstance(err, InstantiationException):

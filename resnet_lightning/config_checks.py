@@ -31,6 +31,11 @@ def check_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if seed is not None and not isinstance(seed, int):
         raise UsageError(f"seed={seed!r} must be an integer (0 included) or null for a random one")
+    threads = cfg.get("num_threads")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise UsageError(f"num_threads={threads!r} must be a positive integer, or null")
 
 
 def _number(cfg: DictConfig, key: str) -> float | None:

@@ -29,7 +29,6 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from resnet_lightning.checkpointing import (
-    AtomicCheckpointIO,
     RunRecord,
     check_checkpoint_fits,
     load_checkpoint_file,
@@ -64,7 +63,6 @@ def evaluate(ckpt_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, 
         logger=False,
         callbacks=[],
         enable_checkpointing=False,
-        plugins=[AtomicCheckpointIO()],
     )
     (metrics,) = trainer.test(module, datamodule=datamodule)
     return {k: float(v) for k, v in metrics.items()}

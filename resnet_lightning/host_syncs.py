@@ -1,10 +1,12 @@
 """Counts the host syncs of each training step, on any device (the CPU included).
 
 A host sync is an op whose result the Python side must wait for: reading a tensor's value
-(`.item()`, `bool(t)`, `if t:`) or an op whose output size depends on the data (`nonzero`,
-`unique`, boolean-mask indexing). On a GPU each one stalls the host until the device has
-caught up, so the next step's kernels are not queued while this step's run. The ops are
-counted under a TorchDispatchMode, so a run on the CPU shows where a GPU run would wait.
+(`.item()`, `bool(t)`, `if t:`), an op whose output size depends on the data (`nonzero`,
+`unique`, boolean-mask indexing), or a copy from the device to the host. On a GPU each one
+stalls the host until the device has caught up, so the next step's kernels are not queued
+while this step's run. The ops are counted under a TorchDispatchMode, so a run on the CPU
+shows most of them; copies to the host (`.cpu()`, `.tolist()`, `.numpy()`) are seen on a GPU
+only (on the CPU nothing is copied).
 
     python -m resnet_lightning callbacks=host_syncs  # writes host_syncs.json in the run dir
 """
@@ -33,6 +35,8 @@ SYNC_OPS = frozenset(
         "unique_consecutive",
     }
 )
+# Copies, which sync when they bring device memory to the host.
+COPY_OPS = frozenset({"_to_copy", "copy_"})
 # Indexing ops that sync when an index is a boolean mask (`x[x > 0]`, `x[mask] = v`).
 MASK_INDEXING_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 
@@ -54,7 +58,16 @@ class SyncCount(TorchDispatchMode):
             pass  # one_hot's range check, made on the CPU only (CUDA's one_hot reads nothing)
         elif name in SYNC_OPS or (name in MASK_INDEXING_OPS and _has_mask(args[1])):
             self.ops[name] += 1
+        elif name in COPY_OPS and _to_host(args, out):
+            self.ops[f"{name} to host"] += 1
         return out
+
+
+def _to_host(args, out) -> bool:
+    """A copy from an accelerator into host memory (`_to_copy` returns it, `copy_` fills
+    its first argument from its second)."""
+    source = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else args[0]
+    return source.device.type != "cpu" and out.device.type == "cpu"
 
 
 def _has_mask(indices) -> bool:
@@ -66,7 +79,10 @@ def _has_mask(indices) -> bool:
 class HostSyncCounter(L.Callback):
     """Counts host syncs from each training batch's start to its end (forward, backward,
     optimizer step and the other callbacks' batch hooks), and writes them per batch to
-    `path` (JSON: {"steps": [{"epoch", "batch", "syncs", "ops"}]}) at the end of fit."""
+    `path` (JSON: {"steps": [{"epoch", "batch", "syncs", "ops"}]}) at the end of fit.
+
+    Lightning's own read of the logged values at logging steps comes after the batch's end
+    hooks, outside the window (one more sync at each logging step)."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -112,21 +113,26 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def _is_check_step(self, batch_idx: int) -> bool:
-        """Whether this step reads the divergence record back (a host sync): at logging
-        steps, and before validation, the epoch's end or the last step, so that a diverged run
-        stops before it writes a checkpoint. Inside training_step, so that every DDP rank joins
-        the decision at the same point."""
-        trainer, batches = self.trainer, batch_idx + 1
-        log_every, val_every = trainer.log_every_n_steps, trainer.val_check_batch
+        """Whether this step reads the divergence record back (a host sync): at Lightning's
+        logging steps (which sync anyway), at the epoch's last batch and at the last step.
+        Validation and the end of training check too (hooks below), so that a diverged run
+        stops before it writes a checkpoint or metrics."""
+        trainer, log_every = self.trainer, self.trainer.log_every_n_steps
         return (
-            (log_every > 0 and batches % log_every == 0)
-            or (isinstance(val_every, int) and batches % val_every == 0)
-            or batches >= trainer.num_training_batches
+            (log_every > 0 and (self.global_step + 1) % log_every == 0)
+            or batch_idx + 1 >= trainer.num_training_batches
             or 0 < trainer.max_steps <= self.global_step + 1
         )
 
     def on_fit_start(self) -> None:
         self._nonfinite = None
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn == TrainerFn.FITTING:
+            self._stop_if_diverged()
+
+    def on_train_end(self) -> None:  # stopped early (max_time, EarlyStopping) between checks
+        self._stop_if_diverged()
 
     def _record_if_nonfinite(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
@@ -140,9 +146,12 @@ class ImageClassifier(L.LightningModule):
         )
 
     def _stop_if_diverged(self) -> None:
-        step, value = (t.item() for t in self._nonfinite)
-        # Decided on all ranks together, so that every DDP rank stops at the same step instead
-        # of waiting forever in the next all-reduce.
+        # Every rank gets here at the same point (its record is None on all or on none), and
+        # decides together, so that every DDP rank stops instead of waiting in an all-reduce.
+        # Only in training_step and hooks where no rank runs a collective of its own.
+        if self._nonfinite is None:
+            return
+        step, value = (t.item() for t in self._nonfinite)  # the second read waits for nothing
         if not self.trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
             return
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]

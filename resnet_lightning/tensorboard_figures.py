@@ -125,8 +125,10 @@ class StageGradientNorms(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Called after any AMP unscaling, so the norms are of the true gradients.
+        # On Lightning's logging steps (every_n_steps = log_every_n_steps), which read values
+        # back anyway, so this adds no host sync of its own; 0 turns it off, as it does logging.
         step = trainer.global_step
-        if step % self.every_n_steps:
+        if self.every_n_steps <= 0 or (step + 1) % self.every_n_steps:
             return
         norms = {}
         for name, stage in stages(network(pl_module)):

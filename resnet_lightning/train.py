@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -28,7 +28,6 @@ from resnet_lightning.checkpointing import (
 from resnet_lightning.cli import hydra_job, one_line_errors, process_argv
 from resnet_lightning.config import CONFIG_DIR
 from resnet_lightning.config_checks import check_config
-from resnet_lightning.errors import UsageError
 from resnet_lightning.files import write_json
 from resnet_lightning.resume import ReseedEachEpoch, resume_checkpoint
 
@@ -48,8 +47,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed = L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     if (threads := cfg.get("num_threads")) is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UsageError(f"num_threads={threads!r} must be a positive integer, or null")
         # OMP_NUM_THREADS too: the DDP ranks Lightning starts inherit it, and it keeps Lightning
         # from dividing the cores among them by itself.
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -62,11 +59,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.module, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler
     )
     if resume_path:  # a checkpoint that cannot continue this run stops it before any output
-        check_checkpoint_fits(module, load_checkpoint_file(resume_path), resume_path)
+        # Memory-mapped: the check reads shapes, fit() then loads the file for real.
+        check_checkpoint_fits(module, load_checkpoint_file(resume_path, mmap=True), resume_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns the bar off
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # The Trainer's switches turn off the configured callbacks too, not only its defaults.
+    for kind, switch in (
+        (ProgressBar, "enable_progress_bar"),
+        (ModelSummary, "enable_model_summary"),
+    ):
+        if not cfg.trainer.get(switch, True):
+            callbacks = [c for c in callbacks if not isinstance(c, kind)]
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c]
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
@@ -80,11 +83,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
+    best_val = checkpoint.best_model_score if checkpoint and best_path else None
+    if best_val is None:  # the last validation's, read before testing clears callback_metrics
+        best_val = trainer.callback_metrics.get("val/acc")
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
 
-    best_val = checkpoint.best_model_score if checkpoint and best_path else None
-    if best_val is None:
-        best_val = trainer.callback_metrics.get("val/acc")
     metrics = {
         **{k: float(v) for k, v in test.items()},
         "val/acc": float(best_val) if best_val is not None else float("nan"),

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from resnet_lightning.config import CONFIG_DIR, compose_config  # noqa: F401 (for the tests)
+
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(REPO / "conf")
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -74,12 +74,6 @@ def make_datamodule(data_root, cifar_archive, **kwargs):
     dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
     dm.setup()
     return dm
-
-
-def compose_config(overrides: list[str] = ()):
-    """The real conf/ composed as the CLI would, minus Hydra's runtime-only keys."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def without_callbacks(*keep: str) -> list[str]:

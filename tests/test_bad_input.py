@@ -4,6 +4,7 @@ process (no interpreter start-up); one case runs as a real subprocess."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import pickle
@@ -164,3 +165,23 @@ def test_pretrained_weights_offline_is_one_line(tmp_path, data_overrides, capfd,
     code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
     line = assert_one_line_error(code, stderr, "could not download IMAGENET1K_V", run_dir)
     assert "model.pretrained=/path/to/weights.pth" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "plugin"),
+    [
+        ("hparams_search=optuna", "hydra_optuna_sweeper"),
+        ("hydra/launcher=parallel", "hydra_joblib_launcher"),
+    ],
+)
+def test_missing_sweep_plugin_names_the_install(override, plugin, tmp_path):
+    try:
+        installed = importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+    except ModuleNotFoundError:  # no hydra_plugins package at all
+        installed = False
+    if installed:
+        pytest.skip(f"{plugin} is installed")
+    result = run_cli(["-m", override, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, check=False)
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert "needs a Hydra plugin that is not installed; pip install -e '.[sweep]'" in line

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO, SHARED_CIFAR
 
 
@@ -34,9 +33,6 @@ def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, 
     assert all(r["images_per_s"] > 0 and r["device"] == "cpu" for r in report["train"])
     overhead = report["overhead"]
     assert [len(run) for run in overhead["plain_epoch_s"] + overhead["framework_epoch_s"]] == [2, 2]
-    assert overhead["ratio"] == pytest.approx(
-        overhead["framework_s"] / overhead["plain_s"], rel=0.02
-    )
 
     lines = result.stdout.splitlines()
     assert any(line.startswith("| tensor | cpu | 32 |") for line in lines)

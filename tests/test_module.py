@@ -93,9 +93,26 @@ def test_divergence_between_log_steps_stops_before_any_checkpoint(
         val_check_interval=val_check_interval, num_sanity_val_steps=0, limit_val_batches=1,
         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    stop = 2 if val_check_interval else 5  # the batch before validation, or the epoch's last
+    stop = 3 if val_check_interval else 5  # validation after 3 steps, or the epoch's last batch
     with pytest.raises(
         TrainingDivergedError, match=f"became nan at step 1; training stopped at step {stop} "
     ):
         trainer.fit(classifier(), train_dataloaders=loader, val_dataloaders=val_loader)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_divergence_before_an_early_stop_still_fails_the_run(tmp_path):
+    class StopAfterThreeSteps(L.Callback):  # as max_time or EarlyStopping stop a run
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = trainer.global_step >= 3
+
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    images[8:16] = float("nan")
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, log_every_n_steps=50, logger=False,
+        callbacks=[StopAfterThreeSteps()], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match="became nan at step 1; training stopped"):
+        trainer.fit(classifier(), train_dataloaders=loader)
