@@ -305,6 +305,7 @@ def bench_overhead(args: argparse.Namespace) -> dict:
     spec = MODELS[args.overhead_model]
     precision, channels_last = ("bf16-mixed", True) if device == "cuda" else ("32-true", False)
     batches = args.overhead_batches or None
+    val_batches = max(1, batches // 4) if batches else None
     overrides = [
         f"model={spec.name}", f"model.stem={spec.stem}", f"model.channels_last={channels_last}",
         "data.pipeline=tensor", f"data.batch_size={args.overhead_batch}",
@@ -312,13 +313,15 @@ def bench_overhead(args: argparse.Namespace) -> dict:
         f"data.path={args.data_path or 'null'}", f"trainer.precision={precision}",
         f"trainer.max_epochs={args.overhead_epochs}", "trainer.num_sanity_val_steps=0",
         f"trainer.limit_train_batches={batches or 1.0}",
-        f"trainer.limit_val_batches={max(1, (batches or 0) // 4) if batches else 1.0}",
+        f"trainer.limit_val_batches={val_batches or 1.0}",
         "trainer.limit_test_batches=1", "seed=0",
         "trainer=gpu" if device == "cuda" else "trainer=cpu",
     ]  # fmt: skip
     plain, framework = [], []
     for _ in range(args.overhead_rounds):  # alternated, so both meet the same machine load
-        plain.append(plain_epochs(overrides, args.overhead_epochs, batches, precision))
+        plain.append(
+            plain_epochs(overrides, device, args.overhead_epochs, batches, val_batches, precision)
+        )
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
             framework.append(framework_epochs(overrides, Path(tmp)))
     framework_s, plain_s = fastest(framework), fastest(plain)
@@ -357,7 +360,12 @@ def framework_epochs(overrides: list[str], tmp: Path) -> list[float]:
 
 
 def plain_epochs(
-    overrides: list[str], epochs: int, batches: int | None, precision: str
+    overrides: list[str],
+    device: str,
+    epochs: int,
+    batches: int | None,
+    val_batches: int | None,
+    precision: str,
 ) -> list[float]:
     """Epoch times of plain_loop.fit on what the same overrides build: data, model,
     optimizer, scheduler and loss."""
@@ -365,8 +373,8 @@ def plain_epochs(
 
     from resnet_lightning.config import compose_config
 
-    cfg = compose_config([o for o in overrides if not o.startswith("trainer")])
-    device = torch.device("cuda" if "trainer=gpu" in overrides else "cpu")
+    cfg = compose_config(overrides)
+    device = torch.device(device)
     torch.manual_seed(0)
     dm = instantiate(cfg.data)
     dm.setup()
@@ -374,7 +382,6 @@ def plain_epochs(
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.module.label_smoothing)
-    val_batches = max(1, batches // 4) if batches else None
     return fit(
         model, dm.tensor_loader("train", device), dm.tensor_loader("val", device), optimizer,
         criterion, epochs, scheduler, precision, batches, val_batches,
