@@ -78,7 +78,7 @@ def _source_key(path: str | os.PathLike | None) -> str:
         )
     # A folder's own size and time do not change when an image inside it does: key on all.
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    stats = [(f.as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(f.as_posix(), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
     ident = f"{path}|{stats}|{CACHE_VERSION}"
     return f"{path.name.split('.')[0]}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
