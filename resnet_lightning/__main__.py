@@ -1,6 +1,7 @@
-"""`python -m resnet_lightning [overrides]`: train and test one configured run."""
+"""`python -m resnet_lightning [overrides]`: train and test one configured run
+(training/train.py)."""
 
-from resnet_lightning.train import main
+from resnet_lightning.training.train import main
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,30 @@
-"""Errors a user can fix: the CLI prints their message on one line and exits non-zero."""
+"""Errors a user can fix, and how every command line reports them: one `error: ...` line
+naming the problem and the fix, exit code 2, no traceback.
 
+The project raises UsageError (and its kinds below) itself. Hydra, OmegaConf and Lightning
+raise their own exceptions for bad overrides and Trainer arguments; `describe_bad_input`
+reads those from their attributes (the key, the missing config file, the options), not from
+their message text.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hydra.errors import CompactHydraException, MissingConfigException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf.errors import OmegaConfBaseException
 
 # What torch.load(weights_only=True) says when a file would run code when unpickled.
 UNSAFE_PICKLE = "Weights only load failed"
+# Configs of the optional Hydra plugins, by the pyproject extra that installs each.
+PLUGIN_CONFIGS = {"optuna": "sweep", "joblib": "sweep", "submitit_slurm": "slurm"}
+LIST_OPTIONS = "`python -m resnet_lightning --cfg job` prints every option"
 
 
 class UsageError(Exception):
@@ -11,7 +32,7 @@ class UsageError(Exception):
 
 
 class DataError(UsageError):
-    """The data set is missing, unreadable or not the shape CIFAR-10 should have."""
+    """The data set is missing, unreadable or not the shape it should have."""
 
 
 class CheckpointError(UsageError):
@@ -20,6 +41,15 @@ class CheckpointError(UsageError):
 
 class TrainingDivergedError(UsageError):
     """The training loss became NaN or infinite; training stops at that step."""
+
+
+class InvalidArgument(ValueError):
+    """A constructor argument with a value it cannot take. The message starts `name=value`, so
+    that the CLI, which knows the config group, can name the key (`data.batch_size=0 ...`)."""
+
+    def __init__(self, name: str, value: object, requirement: str):
+        super().__init__(f"{name}={value!r} {requirement}")
+        self.name = name
 
 
 def find_usage_error(err: BaseException | None) -> UsageError | None:
@@ -38,3 +68,69 @@ def unsafe_file_message(what: str, err: BaseException) -> str:
         f"loaded{detail}, which no checkpoint or weight file needs; use only files from a "
         "source you trust, or re-save the weights with torch.save(model.state_dict())"
     )
+
+
+def is_unsafe_pickle(err: BaseException) -> bool:
+    return isinstance(err, pickle.UnpicklingError) and UNSAFE_PICKLE in str(err)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input ends the process with `error: <problem and fix>` on stderr and exit code 2.
+    Any other exception (a bug) propagates with its full traceback."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    # Hydra then raises its errors instead of printing a multi-line report and exiting 1.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except Exception as err:
+        message = describe_bad_input(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def describe_bad_input(err: BaseException) -> str | None:
+    """One line naming the problem and the fix when `err` is bad input, else None."""
+    usage_error = find_usage_error(err)
+    if usage_error is not None:
+        return str(usage_error)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        if name in PLUGIN_CONFIGS:  # a config that an optional Hydra plugin brings
+            return (
+                f"{group}={name} needs a Hydra plugin that is not installed; "
+                f"pip install -e '.[{PLUGIN_CONFIGS[name]}]'"
+            )
+        if err.options:
+            options = ", ".join(o for o in err.options if not o.startswith("_"))
+            return (
+                f"{group}={name} is unknown (no conf/{group}/{name}.yaml); choose one of: {options}"
+            )
+    if isinstance(err, CompactHydraException):  # a bad override or config composition
+        cause = err.__cause__
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            reason = str(cause).splitlines()[0]
+            return (
+                f"{cause.full_key} is not an option ({reason}); check its spelling ({LIST_OPTIONS})"
+            )
+        return f"{one_line(err)}; {LIST_OPTIONS}"
+    if isinstance(err, RuntimeError) and str(err).startswith("Unknown plugin class"):
+        return (
+            f"{one_line(err)}: that Hydra plugin is not installed; pip install -e '.[slurm]' "
+            "for hydra/launcher=submitit_slurm, '.[sweep]' for hydra/launcher=parallel and "
+            "hparams_search=optuna"
+        )
+    if isinstance(err, MisconfigurationException):  # Lightning rejecting Trainer arguments
+        return f"trainer: {one_line(err)}"
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

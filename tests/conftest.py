@@ -1,47 +1,12 @@
-"""Shared fixtures: real CIFAR-10 images, the real configs and the real CLI."""
+"""Fixtures: real CIFAR-10 images, cached once per session."""
 
 from __future__ import annotations
 
-import io
-import logging
-import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
-from resnet_lightning.config import CONFIG_DIR, compose_config  # noqa: F401 (for the tests)
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def make_image_archive(path: Path, train_per_class: int = 600, test_per_class: int = 100) -> Path:
-    """A CIFAR-shaped image-folder archive of PNGs, for machines without the real copy; big
-    enough by default for the 5,000-image validation split."""
-    generator = torch.Generator().manual_seed(0)
-    with tarfile.open(path, "w:gz") as archive:
-        for split, count in (("train", train_per_class), ("test", test_per_class)):
-            for label, cls in enumerate(CLASSES):
-                for i in range(count):
-                    # Class-dependent colour plus noise, so a network can learn something.
-                    base = torch.full((32, 32, 3), 20 * label, dtype=torch.int16)
-                    noise = torch.randint(
-                        0, 60, (32, 32, 3), generator=generator, dtype=torch.int16
-                    )
-                    pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
-                    buffer = io.BytesIO()
-                    Image.fromarray(pixels).save(buffer, format="PNG")
-                    info = tarfile.TarInfo(f"cifar/{split}/{cls}/{i:04d}.png")
-                    info.size = buffer.tell()
-                    buffer.seek(0)
-                    archive.addfile(info, buffer)
-    return path
+from tests.cli_harness import SHARED_CIFAR, make_image_archive
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +20,7 @@ def cifar_archive(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory, cifar_archive) -> Path:
     """A cache folder, filled once per session so later runs load in a moment."""
-    from resnet_lightning.cifar import load_cifar10
+    from resnet_lightning.data import load_cifar10
 
     root = tmp_path_factory.mktemp("data")
     load_cifar10(root, cifar_archive)
@@ -65,79 +30,3 @@ def data_root(tmp_path_factory, cifar_archive) -> Path:
 @pytest.fixture
 def data_overrides(data_root, cifar_archive) -> list[str]:
     return [f"data.root={data_root}", f"data.path={cifar_archive}"]
-
-
-def make_datamodule(data_root, cifar_archive, **kwargs):
-    """A CifarDataModule on the session's data, set up, loading in the test process."""
-    from resnet_lightning.datamodule import CifarDataModule
-
-    dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
-    dm.setup()
-    return dm
-
-
-def without_callbacks(*keep: str) -> list[str]:
-    """Overrides switching off every configured callback but `keep`, for tests whose subject is
-    not the callbacks: the TensorBoard figures cost more than a tiny run's training."""
-    return [f"callbacks.{name}=null" for name in compose_config().callbacks if name not in keep]
-
-
-def cli_env() -> dict[str, str]:
-    """The environment of a CLI subprocess: the tests name their data explicitly, whatever
-    the caller's environment says."""
-    return {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True):
-    """`python -m resnet_lightning ARGS` in a subprocess, as a user runs it."""
-    result = subprocess.run(
-        [sys.executable, "-m", "resnet_lightning", *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}"
-            f"\nSTDERR:\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:
-    """The CLI's entry point with `args` as its command line, in this process (no interpreter
-    start-up): the exit code and everything written to stderr."""
-    from resnet_lightning.train import main
-
-    monkeypatch.setattr(sys, "argv", ["resnet_lightning", *args])
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    # Lightning's log handlers keep the sys.stderr of import time, a capture pytest has since
-    # closed; the process's own stderr is what they write to outside pytest.
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(sys.__stderr__)
-    capfd.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capfd.readouterr().err
-
-
-# Small CPU settings shared by the end-to-end tests: 2 epochs of 3 batches.
-TINY = [
-    "trainer=cpu",
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=1",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-]

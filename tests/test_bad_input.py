@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli, run_main, without_callbacks
 
 from resnet_lightning.models import create_model
+from tests.cli_harness import REPO, TINY, run_cli, run_main, without_callbacks
 
 # Batches of 8, one validation and test batch, and no callbacks but the checkpoints.
 FAST = [

@@ -7,16 +7,24 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, SHARED_CIFAR
+from tests.cli_harness import REPO, SHARED_CIFAR
 
 
 def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, cifar_archive):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
     command = [
-        sys.executable, "-m", "resnet_lightning.bench", "--quick", "--data-root", str(data_root),
-        "--data-path", str(cifar_archive), "--json", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "resnet_lightning.bench",
+        "--quick",
+        "--data-root",
+        str(data_root),
+        "--data-path",
+        str(cifar_archive),
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 

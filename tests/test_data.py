@@ -9,13 +9,12 @@ from urllib.error import URLError
 
 import pytest
 import torch
-from conftest import SHARED_CIFAR, make_datamodule, make_image_archive
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from resnet_lightning.cifar import load_cifar10
-from resnet_lightning.datamodule import CifarDataModule
+from resnet_lightning.data import CifarDataModule, load_cifar10
 from resnet_lightning.errors import DataError
+from tests.cli_harness import SHARED_CIFAR, make_datamodule, make_image_archive
 
 
 def test_archive_decodes_to_cifar_shapes(data_root, cifar_archive):

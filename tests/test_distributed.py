@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY, cli_env, run_cli, without_callbacks
 
-from resnet_lightning.eval import evaluate
+from resnet_lightning.tools.evaluate import evaluate
+from tests.cli_harness import REPO, TINY, cli_env, run_cli, without_callbacks
 
 # Two processes on two CPU cores: one epoch of two batches of 8 per rank.
 DDP = [
@@ -113,7 +113,7 @@ def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIG_DIR, REPO, TINY, compose_config, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+
+from tests.cli_harness import CONFIG_DIR, REPO, TINY, compose_config, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
 # The single-run recipes of this project's papers, run for one step each below.
@@ -51,8 +52,10 @@ def test_paper_cifar_is_the_papers_iteration_schedule_for_any_depth():
     assert list(cfg.scheduler.milestones) == [32000, 48000] and cfg.scheduler.gamma == 0.1
     assert cfg.module.scheduler_interval == "step"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
-        0.1, 0.9, 1e-4,
-    )  # fmt: skip
+        0.1,
+        0.9,
+        1e-4,
+    )
     assert (cfg.data.batch_size, cfg.data.val_size, cfg.data.augment) == (128, 5000, True)
     assert compose_config(["experiment=paper_cifar"]).model.name == "resnet20"
 
@@ -62,14 +65,32 @@ def test_paper_cifar_is_the_papers_iteration_schedule_for_any_depth():
     [
         # name, (lr, momentum, nesterov, weight decay), (milestones, gamma), batch, (epochs, steps)
         ("wrn28_10", "wrn28_10", (0.1, 0.9, True, 5e-4), ([60, 120, 160], 0.2), 128, (200, -1)),
-        ("resnext29_8x64d", "resnext29_8x64d", (0.1, 0.9, False, 5e-4), ([150, 225], 0.1), 128,
-         (300, -1)),
-        ("densenet_bc100", "densenet_bc100", (0.1, 0.9, True, 1e-4), ([150, 225], 0.1), 64,
-         (300, -1)),
-        ("preact_resnet164", "preact_resnet164", (0.1, 0.9, False, 1e-4),
-         ([32000, 48000], 0.1), 128, (-1, 64000)),
+        (
+            "resnext29_8x64d",
+            "resnext29_8x64d",
+            (0.1, 0.9, False, 5e-4),
+            ([150, 225], 0.1),
+            128,
+            (300, -1),
+        ),
+        (
+            "densenet_bc100",
+            "densenet_bc100",
+            (0.1, 0.9, True, 1e-4),
+            ([150, 225], 0.1),
+            64,
+            (300, -1),
+        ),
+        (
+            "preact_resnet164",
+            "preact_resnet164",
+            (0.1, 0.9, False, 1e-4),
+            ([32000, 48000], 0.1),
+            128,
+            (-1, 64000),
+        ),
     ],
-)  # fmt: skip
+)
 def test_family_recipes_are_their_papers(experiment, model, optimizer, schedule, batch, length):
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.model.name == model
@@ -102,8 +123,10 @@ def test_finetune_pretrained_loads_weights_into_a_new_10_class_head(tmp_path):
     torch.save(reference.state_dict(), weights_file)
     cfg = compose_config(["experiment=finetune_pretrained", f"model.pretrained={weights_file}"])
     assert (cfg.data.image_size, cfg.data.normalization, cfg.model.stem) == (
-        224, "imagenet", "imagenet",
-    )  # fmt: skip
+        224,
+        "imagenet",
+        "imagenet",
+    )
     assert compose_config(["experiment=finetune_pretrained"]).model.pretrained == "IMAGENET1K_V1"
     model = instantiate(cfg.model)
     assert torch.equal(model.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
@@ -126,13 +149,24 @@ def test_recipes_run_a_few_steps(tmp_path, data_overrides):
     sweep_dir = tmp_path / "recipes"
     quiet = [f"callbacks.{name}=null" for name in ("model_checkpoint", *FIGURE_CALLBACKS)]
     run_cli(
-        ["-m", f"experiment={','.join(RECIPES)}", *TINY, *data_overrides, *quiet,
-         "model.pretrained=null", "data.batch_size=2", "data.image_size=32",
-         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-         f"hydra.sweep.dir={sweep_dir}"],
+        [
+            "-m",
+            f"experiment={','.join(RECIPES)}",
+            *TINY,
+            *data_overrides,
+            *quiet,
+            "model.pretrained=null",
+            "data.batch_size=2",
+            "data.image_size=32",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "trainer.num_sanity_val_steps=0",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
         cwd=REPO,
-    )  # fmt: skip
+    )
     for number, experiment in enumerate(RECIPES):
         job = sweep_dir / str(number)
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import REPO, run_cli
 
-from resnet_lightning.host_syncs import SyncCount
+from resnet_lightning.callbacks.host_syncs import SyncCount
+from tests.cli_harness import REPO, run_cli
 
 
 def test_counter_sees_reads_and_data_dependent_shapes():

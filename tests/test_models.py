@@ -10,13 +10,13 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
-from conftest import CONFIG_DIR, compose_config
 from hydra.utils import instantiate
 from torch import nn
 
 from resnet_lightning.models import create_model, get_classifier, get_model_info, list_models
+from resnet_lightning.models.complexity import count_macs, count_parameters
 from resnet_lightning.models.resnet import ResidualBlock, ZeroPadShortcut
-from resnet_lightning.models.summary import count_macs, count_parameters
+from tests.cli_harness import CONFIG_DIR, compose_config
 
 # (name, num_classes) -> parameters, from the papers, torchvision and timm.
 PARAMETER_COUNTS = {
@@ -46,10 +46,20 @@ PARAMETER_COUNTS = {
 # Too slow for a real forward and backward on 2 CPU cores (> 2 GMACs per 32 px image, or
 # a thousand layers); they run on the meta device, which checks every shape.
 META_ONLY = {
-    "resnet101", "resnet152", "preact_resnet101", "preact_resnet152", "resnext101_32x8d",
-    "wide_resnet50_2", "wide_resnet101_2", "resnet1202", "preact_resnet1001", "wrn", "wrn28_10",
-    "resnext29_8x64d", "resnext29_16x64d",
-}  # fmt: skip
+    "resnet101",
+    "resnet152",
+    "preact_resnet101",
+    "preact_resnet152",
+    "resnext101_32x8d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnet1202",
+    "preact_resnet1001",
+    "wrn",
+    "wrn28_10",
+    "resnext29_8x64d",
+    "resnext29_16x64d",
+}
 
 TORCHVISION_TWINS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
 

@@ -1,5 +1,5 @@
 """The LightningModule: optimizer wiring for fine-tuning (backbone LR, frozen backbone), the
-epoch loss, and stopping on divergence."""
+epoch loss; and the divergence guard that stops its training."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.errors import TrainingDivergedError
 from resnet_lightning.models import create_model
-from resnet_lightning.module import ImageClassifier
+from resnet_lightning.training.module import ImageClassifier
 
 
 def classifier(**kwargs) -> ImageClassifier:
@@ -25,9 +26,13 @@ def fit_two_steps(module: ImageClassifier) -> None:
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=loader)
 
 
@@ -89,10 +94,18 @@ def test_divergence_between_log_steps_stops_before_any_checkpoint(
     # Without the check before validation, validating after batch 3 would save a checkpoint.
     val_loader = loader if val_check_interval else None
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=3, log_every_n_steps=log_every, logger=False,
-        val_check_interval=val_check_interval, num_sanity_val_steps=0, limit_val_batches=1,
-        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_epochs=3,
+        log_every_n_steps=log_every,
+        logger=False,
+        val_check_interval=val_check_interval,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=[DivergenceGuard()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     stop = 3 if val_check_interval else 5  # validation after 3 steps, or the epoch's last batch
     with pytest.raises(
         TrainingDivergedError, match=f"became nan at step 1; training stopped at step {stop} "
@@ -110,9 +123,14 @@ def test_divergence_before_an_early_stop_still_fails_the_run(tmp_path):
     images[8:16] = float("nan")
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=3, log_every_n_steps=50, logger=False,
-        callbacks=[StopAfterThreeSteps()], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_epochs=3,
+        log_every_n_steps=50,
+        logger=False,
+        callbacks=[DivergenceGuard(), StopAfterThreeSteps()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(TrainingDivergedError, match="became nan at step 1; training stopped"):
         trainer.fit(classifier(), train_dataloaders=loader)

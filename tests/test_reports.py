@@ -15,16 +15,16 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torchvision.models import get_model_weights
 
 from resnet_lightning.models import create_model
-from resnet_lightning.models.summary import count_macs, count_parameters
-from resnet_lightning.report import compare
-from resnet_lightning.report.__main__ import main as report_main
+from resnet_lightning.models.complexity import count_macs, count_parameters
+from resnet_lightning.tools.report import compare
+from resnet_lightning.tools.report.cli import main as report_main
+from tests.cli_harness import REPO, TINY, run_cli
 
 DEGRADATION_MODELS = ["plain20", "plain56", "resnet20", "resnet56"]
 # TINY with one batch per evaluation: 2 epochs x 3 steps of 16 images per job.
@@ -41,10 +41,15 @@ def sweep(tmp_path_factory, data_root, cifar_archive):
     """The degradation experiment as one command (it is a multirun by itself), made tiny."""
     sweep_dir = tmp_path_factory.mktemp("degradation")
     run_cli(
-        ["experiment=degradation", *SWEEP_OVERRIDES, f"data.root={data_root}",
-         f"data.path={cifar_archive}", f"hydra.sweep.dir={sweep_dir}"],
+        [
+            "experiment=degradation",
+            *SWEEP_OVERRIDES,
+            f"data.root={data_root}",
+            f"data.path={cifar_archive}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
         cwd=REPO,
-    )  # fmt: skip
+    )
     return sweep_dir
 
 
@@ -87,10 +92,20 @@ def test_tensorboard_has_scalars_hparams_and_figures(sweep, job, model):
     tags = run.Tags()
     stages = ["conv1", "bn1", "layer1", "layer2", "layer3", "fc"]
     expected_scalars = {
-        "train/loss", "train/acc", "train/acc_top5", "val/loss", "val/acc", "val/acc_top5",
-        "test/acc", "test/acc_top5", "lr-SGD", "hp/test_acc", "hp/val_acc", "hp/params",
+        "train/loss",
+        "train/acc",
+        "train/acc_top5",
+        "val/loss",
+        "val/acc",
+        "val/acc_top5",
+        "test/acc",
+        "test/acc_top5",
+        "lr-SGD",
+        "hp/test_acc",
+        "hp/val_acc",
+        "hp/params",
         *(f"grad_norm/{s}" for s in stages),
-    }  # fmt: skip
+    }
     assert expected_scalars <= set(tags["scalars"]), tags["scalars"]
     # Gradient norms at every optimizer step (log_every_n_steps=1), positive and finite.
     norms = run.Scalars("grad_norm/layer1")
@@ -142,7 +157,7 @@ def test_summary_is_a_sorted_table_and_a_plot(sweep, tmp_path, capsys):
         "val/acc",
         "params",
         "wall_time_s",
-    ]  # fmt: skip  (model is the only override that differs between the jobs)
+    ]  # (model is the only override that differs between the jobs)
     assert sorted(r["model"] for r in rows) == sorted(DEGRADATION_MODELS)
     accuracies = [float(r["test/acc"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
@@ -236,8 +251,21 @@ def test_compared_networks_match_torchvision_published_counts():
 
 def test_compare_report_measures_on_this_machine(tmp_path):
     # Two networks at 64 px keep this quick; the defaults measure all five at 224 px.
-    args = ["compare", "--models", "resnet50,alexnet", "--image-size", "64", "--batch-size", "2",
-            "--iters", "1", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    args = [
+        "compare",
+        "--models",
+        "resnet50,alexnet",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--iters",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     assert report_main(args) == 0
     rows = read_csv(tmp_path / "compare.csv")
     assert [r["model"] for r in rows] == ["resnet50", "alexnet"]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, REPO, TINY, cli_env, run_cli, run_main, without_callbacks
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_lightning import eval as evaluation
-from resnet_lightning.checkpointing import PARTIAL_SUFFIX, remove_partial_checkpoints
-from resnet_lightning.cifar import load_cifar10
+from resnet_lightning.callbacks.checkpoints import PARTIAL_SUFFIX, remove_partial_checkpoints
+from resnet_lightning.data import load_cifar10
+from resnet_lightning.tools import evaluate as evaluation
+from tests.cli_harness import CLASSES, REPO, TINY, cli_env, run_cli, run_main, without_callbacks
 
 # Non-default model options (projection shortcuts change the weights' names), seed 0, and
 # deterministic kernels: three epochs of three batches.
@@ -106,7 +106,7 @@ def test_kill_during_a_save_never_truncates_the_checkpoint(tmp_path):
     # Saves a 40 MB checkpoint over and over until killed, through the trainer's CheckpointIO.
     saver = (
         "import sys, torch\n"
-        "from resnet_lightning.checkpointing import AtomicCheckpointIO\n"
+        "from resnet_lightning.callbacks.checkpoints import AtomicCheckpointIO\n"
         "io, step = AtomicCheckpointIO(), 0\n"
         "while True:\n"
         "    state = {'state_dict': {'w': torch.full((10_000_000,), float(step))}, 'step': step}\n"
@@ -179,3 +179,45 @@ def test_checkpoint_of_another_model_is_refused(
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main([f"ckpt_path={last}", "model.name=resnet32"])
     assert exit_info.value.code == 2 and message in capfd.readouterr().err
+
+
+# The `_target_`s a checkpoint's config named before the package took its layered layout.
+TARGETS_BEFORE_LAYERS = {
+    "data": "resnet_lightning.datamodule.CifarDataModule",
+    "module": "resnet_lightning.module.ImageClassifier",
+    "callbacks.confusion_matrix": "resnet_lightning.tensorboard_figures.ConfusionMatrixFigure",
+    "callbacks.augmented_images": "resnet_lightning.tensorboard_figures.AugmentedImageGrid",
+    "callbacks.stage_grad_norms": "resnet_lightning.tensorboard_figures.StageGradientNorms",
+    "callbacks.parameter_distribution": (
+        "resnet_lightning.tensorboard_figures.ParameterDistribution"
+    ),
+    "callbacks.epoch_timer": "resnet_lightning.timing.EpochTimer",
+    "callbacks.host_syncs": "resnet_lightning.host_syncs.HostSyncCounter",
+}
+
+
+def test_checkpoint_written_before_the_layered_layout_evaluates_and_resumes(
+    finished_run, tmp_path, data_overrides, capfd, monkeypatch
+):
+    run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    config = checkpoint["run_config"]
+    for key, target in TARGETS_BEFORE_LAYERS.items():
+        group, _, name = key.partition(".")
+        if name:  # the run switched its callbacks off: an old config names them all the same
+            config[group][name] = {**(config[group].get(name) or {}), "_target_": target}
+        else:
+            config[group]["_target_"] = target
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+
+    evaluation.main([f"ckpt_path={old}", "trainer.limit_test_batches=2"])
+    reported = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert reported == pytest.approx({k: metrics[k] for k in TEST_KEYS}, rel=1e-6)
+
+    # resume=<old checkpoint> continues it for one more epoch.
+    args = [*RUN, *data_overrides, "trainer.max_epochs=4", f"resume={old}"]
+    code, stderr = run_main([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], capfd, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epochs"] == 4

@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SHARED_CIFAR, TINY, make_datamodule, run_cli
 from PIL import Image
 
-from resnet_lightning.datamodule import NORMALIZATION, CifarDataModule
-from resnet_lightning.tensor_loader import TensorLoader
+from resnet_lightning.data import NORMALIZATION, CifarDataModule, TensorLoader
+from tests.cli_harness import REPO, SHARED_CIFAR, TINY, make_datamodule, run_cli
 
 GPU = [
     pytest.mark.gpu,
@@ -157,8 +156,11 @@ def test_the_data_set_is_held_once_as_uint8(data_root, cifar_archive):
     dm = make_datamodule(data_root, cifar_archive, pipeline="tensor", val_size=5000)
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
     arrays = dm.arrays
-    for loader, images in ((train, arrays.train_images), (val, arrays.train_images),
-                           (test, arrays.test_images)):  # fmt: skip
+    for loader, images in (
+        (train, arrays.train_images),
+        (val, arrays.train_images),
+        (test, arrays.test_images),
+    ):
         assert loader.images.dtype == torch.uint8
         assert loader.images.data_ptr() == images.data_ptr()  # a view, never a copy
     # The same split as the torchvision path: disjoint train and validation images.
@@ -203,10 +205,13 @@ def test_ddp_run_with_the_tensor_pipeline(tmp_path, data_overrides):
 def test_bf16_channels_last_training_on_the_gpu(tmp_path, data_overrides, compile):
     run_dir = tmp_path / "run"
     overrides = [
-        "experiment=fast94", f"model.compile={str(compile).lower()}", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
+        "experiment=fast94",
+        f"model.compile={str(compile).lower()}",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2",
-    ]  # fmt: skip
+    ]
     run_cli([*overrides, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["test/loss"] == metrics["test/loss"]  # not nan

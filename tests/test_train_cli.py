@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, compose_config, run_cli, without_callbacks
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.cli_harness import REPO, TINY, compose_config, run_cli, without_callbacks
 
 METRIC_KEYS = {"test/acc", "test/acc_top5", "test/loss", "val/acc", "epochs", "wall_time_s"}
 

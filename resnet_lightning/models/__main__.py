@@ -1,5 +1,5 @@
 """`python -m resnet_lightning.models` prints a markdown table of every registered model."""
 
-from .summary import markdown_table
+from .complexity import zoo_table
 
-print(markdown_table())
+print(zoo_table())

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.googlenet import BasicConv2d
 
-from .registry import register
+from .registry import Family, register
 
 SIMONYAN2015 = "Simonyan & Zisserman 2015, VGG (arXiv:1409.1556)"
 SZEGEDY2015 = "Szegedy et al. 2015, GoogLeNet (arXiv:1409.4842)"
@@ -28,7 +28,7 @@ def _check_stem(stem: str) -> bool:
     return stem == "cifar"
 
 
-@register("VGG", 224, SIMONYAN2015, classifier="classifier")
+@register(Family("VGG", 224, SIMONYAN2015), classifier="classifier")
 def vgg16(
     num_classes: int = 1000, stem: str = "imagenet", batch_norm: bool = True, **kwargs: Any
 ) -> tvm.VGG:
@@ -43,7 +43,7 @@ def vgg16(
     return model
 
 
-@register("GoogLeNet", 224, SZEGEDY2015)
+@register(Family("GoogLeNet", 224, SZEGEDY2015))
 def googlenet(num_classes: int = 1000, stem: str = "imagenet", **kwargs: Any) -> tvm.GoogLeNet:
     """GoogLeNet without the auxiliary heads, so forward returns logits in training too."""
     kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
@@ -59,7 +59,7 @@ def googlenet(num_classes: int = 1000, stem: str = "imagenet", **kwargs: Any) ->
     return model
 
 
-@register("AlexNet", 224, KRIZHEVSKY2012, classifier="classifier")
+@register(Family("AlexNet", 224, KRIZHEVSKY2012), classifier="classifier")
 def alexnet(num_classes: int = 1000, stem: str = "imagenet", **kwargs: Any) -> tvm.AlexNet:
     cifar = _check_stem(stem)
     model = tvm.AlexNet(num_classes, **kwargs)
@@ -93,12 +93,12 @@ def densenet(
     return model
 
 
-@register("DenseNet", 224, HUANG2017, classifier="classifier")
+@register(Family("DenseNet", 224, HUANG2017), classifier="classifier")
 def densenet121(num_classes: int = 1000, stem: str = "imagenet", **kwargs: Any) -> tvm.DenseNet:
     return densenet(32, (6, 12, 24, 16), 64, num_classes, stem, **kwargs)
 
 
-@register("DenseNet", 32, HUANG2017, classifier="classifier")
+@register(Family("DenseNet", 32, HUANG2017), classifier="classifier")
 def densenet_bc100(num_classes: int = 10, stem: str = "cifar", **kwargs: Any) -> tvm.DenseNet:
     """DenseNet-BC, L=100, k=12: 3 blocks of 16 bottleneck layers, 2k stem channels."""
     return densenet(12, (16, 16, 16), 24, num_classes, stem, **kwargs)

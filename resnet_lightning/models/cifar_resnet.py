@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import register, register_variant
+from .registry import Family, register, register_variant
 from .resnet import BLOCK_TYPES, HE2016, HE2016_PREACT, XIE2017, ZAGORUYKO2016, ResNet
 
 
@@ -33,28 +33,48 @@ def cifar_resnet(
         raise ValueError(f"depth must be {3 * convs_per_block}n + 2 for this block, got {depth}")
     widths = [planes * widen_factor for planes in (16, 32, 64)]
     return ResNet(
-        block, [n] * 3, num_classes, widths=widths, stem=stem, stem_width=stem_width,
-        shortcut=shortcut, **kwargs,
-    )  # fmt: skip
-
-
-# The paper's nets use the parameter-free option A shortcut; plain twins have none.
-for _depth in (20, 32, 44, 56, 110, 1202):
-    register_variant(f"resnet{_depth}", "ResNet (CIFAR)", 32, HE2016, cifar_resnet, _depth)
-for _depth in (20, 32, 44, 56, 110):
-    register_variant(
-        f"plain{_depth}", "Plain (CIFAR)", 32, HE2016, cifar_resnet, _depth, plain=True
+        block,
+        [n] * 3,
+        num_classes,
+        widths=widths,
+        stem=stem,
+        stem_width=stem_width,
+        shortcut=shortcut,
+        **kwargs,
     )
 
+
+CIFAR = Family("ResNet (CIFAR)", 32, HE2016)
+PLAIN = Family("Plain (CIFAR)", 32, HE2016)
+PREACT = Family("Pre-act ResNet (CIFAR)", 32, HE2016_PREACT)
+WIDE = Family("Wide ResNet (CIFAR)", 32, ZAGORUYKO2016)
+RESNEXT = Family("ResNeXt (CIFAR)", 32, XIE2017)
+
+# The paper's nets use the parameter-free option A shortcut (cifar_resnet's default); the
+# plain twins have no shortcuts at all.
+register_variant("resnet20", CIFAR, cifar_resnet, 20)
+register_variant("resnet32", CIFAR, cifar_resnet, 32)
+register_variant("resnet44", CIFAR, cifar_resnet, 44)
+register_variant("resnet56", CIFAR, cifar_resnet, 56)
+register_variant("resnet110", CIFAR, cifar_resnet, 110)
+register_variant("resnet1202", CIFAR, cifar_resnet, 1202)
+register_variant("plain20", PLAIN, cifar_resnet, 20, plain=True)
+register_variant("plain32", PLAIN, cifar_resnet, 32, plain=True)
+register_variant("plain44", PLAIN, cifar_resnet, 44, plain=True)
+register_variant("plain56", PLAIN, cifar_resnet, 56, plain=True)
+register_variant("plain110", PLAIN, cifar_resnet, 110, plain=True)
+
 # Identity Mappings uses projection shortcuts where the shape changes.
-for _depth, _bottleneck in ((110, False), (164, True), (1001, True)):
-    register_variant(
-        f"preact_resnet{_depth}", "Pre-act ResNet (CIFAR)", 32, HE2016_PREACT, cifar_resnet,
-        _depth, bottleneck=_bottleneck, preact=True, shortcut="B",
-    )  # fmt: skip
+register_variant("preact_resnet110", PREACT, cifar_resnet, 110, preact=True, shortcut="B")
+register_variant(
+    "preact_resnet164", PREACT, cifar_resnet, 164, bottleneck=True, preact=True, shortcut="B"
+)
+register_variant(
+    "preact_resnet1001", PREACT, cifar_resnet, 1001, bottleneck=True, preact=True, shortcut="B"
+)
 
 
-@register("Wide ResNet (CIFAR)", 32, ZAGORUYKO2016)
+@register(WIDE)
 def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs: Any) -> ResNet:
     """WRN-depth-k: pre-activation basic blocks, k times wider, dropout between the convs.
 
@@ -64,19 +84,23 @@ def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs:
     if depth < 10 or (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n + 4 (10, 16, 22, 28, ...), got {depth}")
     return cifar_resnet(
-        depth - 2, preact=True, widen_factor=widen_factor, shortcut="B", dropout=dropout,
+        depth - 2,
+        preact=True,
+        widen_factor=widen_factor,
+        shortcut="B",
+        dropout=dropout,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 # Dropout 0.3: the paper's best CIFAR setting.
-register_variant("wrn28_10", "Wide ResNet (CIFAR)", 32, ZAGORUYKO2016, wrn, 28, 10, dropout=0.3)
-
+register_variant("wrn28_10", WIDE, wrn, 28, 10, dropout=0.3)
 
 # ResNeXt-29 (C x 64d): three stages of three grouped bottlenecks on a 64-channel stem.
-for _cardinality in (8, 16):
-    register_variant(
-        f"resnext29_{_cardinality}x64d", "ResNeXt (CIFAR)", 32, XIE2017, cifar_resnet, 29,
-        bottleneck=True, widen_factor=4, stem_width=64, shortcut="B", groups=_cardinality,
-        width_per_group=64,
-    )  # fmt: skip
+RESNEXT29 = {"bottleneck": True, "widen_factor": 4, "stem_width": 64, "shortcut": "B"}
+register_variant(
+    "resnext29_8x64d", RESNEXT, cifar_resnet, 29, groups=8, width_per_group=64, **RESNEXT29
+)
+register_variant(
+    "resnext29_16x64d", RESNEXT, cifar_resnet, 29, groups=16, width_per_group=64, **RESNEXT29
+)

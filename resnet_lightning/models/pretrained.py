@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import get_model_weights
 
-if TYPE_CHECKING:  # registry imports this module
-    from .registry import ModelInfo
+from .registry import ModelInfo
 
 
 def read_state_dict(info: ModelInfo, source: str) -> dict[str, Tensor]:

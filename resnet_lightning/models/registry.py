@@ -1,4 +1,4 @@
-"""Name -> model registry and `create_model`, the one constructor configs call."""
+"""Name -> model registry: what each registered model is, and the builder that makes it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
-from .pretrained import load_pretrained
+
+@dataclass(frozen=True)
+class Family:
+    """What the variants of one design share: its name, natural input size, paper."""
+
+    name: str
+    input_size: int  # natural input resolution in pixels: 32 (CIFAR) or 224 (ImageNet)
+    reference: str
 
 
 @dataclass(frozen=True)
@@ -21,23 +27,36 @@ class ModelInfo:
     name: str
     builder: Callable[..., nn.Module]
     family: str
-    input_size: int  # natural input resolution in pixels: 32 (CIFAR) or 224 (ImageNet)
+    input_size: int
     reference: str
     classifier: str = "fc"  # attribute holding the head, replaced for new class counts
-    torchvision_weights: bool = False  # torchvision's ImageNet weights for `name` fit as-is
+
+    @property
+    def torchvision_weights(self) -> bool:
+        """Whether torchvision's ImageNet weights of the same name fit this model as built."""
+        return self.name in TORCHVISION_WEIGHTS
 
 
+# The zoo's models that are torchvision's architectures, parameter for parameter (others of
+# the same name differ: the zoo's vgg16 has BatchNorm, googlenet no auxiliary heads).
+TORCHVISION_WEIGHTS = frozenset(
+    {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "resnext101_32x8d",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
+    }
+)
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register(
-    family: str,
-    input_size: int,
-    reference: str,
-    *,
-    name: str | None = None,
-    classifier: str = "fc",
-    torchvision_weights: bool = False,
+    family: Family, *, name: str | None = None, classifier: str = "fc"
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator that registers a builder under `name`, by default its function name.
 
@@ -50,7 +69,7 @@ def register(
         if key in _REGISTRY:
             raise ValueError(f"model '{key}' is registered twice")
         _REGISTRY[key] = ModelInfo(
-            key, builder, family, input_size, reference, classifier, torchvision_weights
+            key, builder, family.name, family.input_size, family.reference, classifier
         )
         return builder
 
@@ -58,32 +77,22 @@ def register(
 
 
 def register_variant(
-    name: str,
-    family: str,
-    input_size: int,
-    reference: str,
-    builder: Callable[..., nn.Module],
-    *args: Any,
-    torchvision_weights: bool = False,
-    **config: Any,
+    name: str, family: Family, builder: Callable[..., nn.Module], *args: Any, **config: Any
 ) -> None:
     """Register `name` as `builder(*args, **config)`; keyword settings can be overridden at
     build time, positional ones (the depth) are fixed.
 
     A partial rather than a closure keeps models, which carry their ModelInfo, picklable.
     """
-    decorate = register(
-        family, input_size, reference, name=name, torchvision_weights=torchvision_weights
-    )
-    decorate(partial(builder, *args, **config))
+    register(family, name=name)(partial(builder, *args, **config))
 
 
 def list_models() -> list[str]:
     """Registered names in natural order (resnet18 before resnet101)."""
-    return sorted(_REGISTRY, key=_natural_key)
+    return sorted(_REGISTRY, key=natural_key)
 
 
-def _natural_key(name: str) -> list[int | str]:
+def natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
@@ -93,48 +102,3 @@ def get_model_info(name: str) -> ModelInfo:
     except KeyError:
         known = ", ".join(list_models())
         raise ValueError(f"unknown model '{name}'; known models: {known}") from None
-
-
-def get_classifier(model: nn.Module) -> nn.Module:
-    """The head of a model built by `create_model` (e.g. `model.fc`)."""
-    info = getattr(model, "model_info", None)
-    if not isinstance(info, ModelInfo):
-        raise TypeError("get_classifier needs a model built by create_model")
-    return model.get_submodule(info.classifier)
-
-
-def create_model(
-    name: str,
-    *,
-    num_classes: int = 10,
-    pretrained: str | None = None,
-    freeze_backbone: bool = False,
-    channels_last: bool = False,
-    compile: bool | str = False,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build a registered model.
-
-    `kwargs` go to the model's builder (e.g. `stem`, `zero_init_residual`); an argument it
-    does not take raises TypeError. `pretrained` is a torchvision weights tag such as
-    'IMAGENET1K_V2' or a path to a state dict; a classifier of another size than the
-    weights' stays freshly initialised for `num_classes`, and `freeze_backbone` leaves only
-    it trainable. `compile` uses the in-place `nn.Module.compile` so state-dict keys keep
-    their names (True -> default mode, a string -> that mode).
-    """
-    info = get_model_info(name)
-    try:
-        model = info.builder(num_classes=num_classes, **kwargs)
-    except TypeError as err:  # say which model the misspelt argument was meant for
-        raise TypeError(f"{name}: {err}") from err
-    model.model_info = info  # lets get_classifier find the head without the name
-    if pretrained:
-        load_pretrained(model, info, pretrained)
-    if freeze_backbone:
-        model.requires_grad_(False)
-        get_classifier(model).requires_grad_(True)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile(mode=None if compile is True else compile)
-    return model

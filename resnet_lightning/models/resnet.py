@@ -22,13 +22,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import conv1x1, conv3x3
 
-from .registry import register_variant
+from .registry import Family, register_variant
 
 HE2016 = "He et al. 2016, Deep Residual Learning (arXiv:1512.03385)"
 HE2016_PREACT = "He et al. 2016, Identity Mappings in Deep ResNets (arXiv:1603.05027)"
 XIE2017 = "Xie et al. 2017, ResNeXt (arXiv:1611.05431)"
 ZAGORUYKO2016 = "Zagoruyko & Komodakis 2016, Wide ResNets (arXiv:1605.07146)"
 HE2019 = "He et al. 2019, Bag of Tricks, ResNet-D (arXiv:1812.01187)"
+RESNET = Family("ResNet", 224, HE2016)
+RESNET_D = Family("ResNet-D", 224, HE2019)
+PREACT = Family("Pre-act ResNet", 224, HE2016_PREACT)
+RESNEXT = Family("ResNeXt", 224, XIE2017)
+WIDE = Family("Wide ResNet", 224, ZAGORUYKO2016)
 
 STEMS = ("imagenet", "cifar", "deep")
 
@@ -291,10 +296,14 @@ class ResNet(nn.Module):
         if stem == "deep":
             half = width // 2
             self.conv1: nn.Module = nn.Sequential(
-                conv3x3(3, half, stride=2), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-                conv3x3(half, half), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                conv3x3(3, half, stride=2),
+                nn.BatchNorm2d(half),
+                nn.ReLU(inplace=True),
+                conv3x3(half, half),
+                nn.BatchNorm2d(half),
+                nn.ReLU(inplace=True),
                 conv3x3(half, width),
-            )  # fmt: skip
+            )
         elif stem == "imagenet":
             self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         else:
@@ -399,29 +408,25 @@ def imagenet_resnet(
     return ResNet(block, STAGES[depth], num_classes, **kwargs)
 
 
-for _depth in STAGES:
-    register_variant(
-        f"resnet{_depth}", "ResNet", 224, HE2016, imagenet_resnet, _depth, torchvision_weights=True
-    )
-    register_variant(
-        f"preact_resnet{_depth}", "Pre-act ResNet", 224, HE2016_PREACT, imagenet_resnet, _depth,
-        preact=True,
-    )  # fmt: skip
-
+# Every variant is an entry: its name, family, builder and the builder's arguments (keywords
+# can be overridden at build time, the depth cannot).
+register_variant("resnet18", RESNET, imagenet_resnet, 18)
+register_variant("resnet34", RESNET, imagenet_resnet, 34)
+register_variant("resnet50", RESNET, imagenet_resnet, 50)
+register_variant("resnet101", RESNET, imagenet_resnet, 101)
+register_variant("resnet152", RESNET, imagenet_resnet, 152)
 # torchvision's resnet50 is v1.5; the paper's v1 strides in the first 1x1 conv.
-register_variant("resnet50_v1", "ResNet", 224, HE2016, imagenet_resnet, 50, stride_in_1x1=True)
-register_variant(
-    "resnet50d", "ResNet-D", 224, HE2019, imagenet_resnet, 50, stem="deep", avg_down=True
-)
+register_variant("resnet50_v1", RESNET, imagenet_resnet, 50, stride_in_1x1=True)
+register_variant("resnet50d", RESNET_D, imagenet_resnet, 50, stem="deep", avg_down=True)
+
+register_variant("preact_resnet18", PREACT, imagenet_resnet, 18, preact=True)
+register_variant("preact_resnet34", PREACT, imagenet_resnet, 34, preact=True)
+register_variant("preact_resnet50", PREACT, imagenet_resnet, 50, preact=True)
+register_variant("preact_resnet101", PREACT, imagenet_resnet, 101, preact=True)
+register_variant("preact_resnet152", PREACT, imagenet_resnet, 152, preact=True)
 
 # ResNeXt and Wide ResNet are bottleneck ResNets with other `groups` and `width_per_group`.
-for _name, _family, _reference, _depth, _groups, _width in (
-    ("resnext50_32x4d", "ResNeXt", XIE2017, 50, 32, 4),
-    ("resnext101_32x8d", "ResNeXt", XIE2017, 101, 32, 8),
-    ("wide_resnet50_2", "Wide ResNet", ZAGORUYKO2016, 50, 1, 128),
-    ("wide_resnet101_2", "Wide ResNet", ZAGORUYKO2016, 101, 1, 128),
-):
-    register_variant(
-        _name, _family, 224, _reference, imagenet_resnet, _depth, groups=_groups,
-        width_per_group=_width, torchvision_weights=True,
-    )  # fmt: skip
+register_variant("resnext50_32x4d", RESNEXT, imagenet_resnet, 50, groups=32, width_per_group=4)
+register_variant("resnext101_32x8d", RESNEXT, imagenet_resnet, 101, groups=32, width_per_group=8)
+register_variant("wide_resnet50_2", WIDE, imagenet_resnet, 50, width_per_group=128)
+register_variant("wide_resnet101_2", WIDE, imagenet_resnet, 101, width_per_group=128)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import conv3x3
 
-from .registry import register
+from .registry import Family, register
 
 PAGE2019 = "Page 2019, How to Train Your ResNet (myrtle.ai), DAWNBench CIFAR-10 ResNet-9"
 
@@ -74,7 +74,7 @@ class ResNet9(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1)) * self.logit_scale
 
 
-@register("ResNet-9 (CIFAR)", 32, PAGE2019)
+@register(Family("ResNet-9 (CIFAR)", 32, PAGE2019))
 def resnet9(num_classes: int = 10, stem: str = "cifar", **kwargs: Any) -> ResNet9:
     """ResNet-9; only the 32 px design exists (`stem` is accepted for the common interface)."""
     if stem != "cifar":

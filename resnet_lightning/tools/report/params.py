@@ -9,16 +9,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
-from hydra.utils import instantiate
-from matplotlib.figure import Figure
 from torch import nn
 
-from resnet_lightning.config import compose_config
-from resnet_lightning.errors import UsageError
-from resnet_lightning.models.summary import parameter_counts
-from resnet_lightning.report.output import (
+from resnet_lightning.callbacks.figures import layer_types_by_size, plot_parameter_counts
+from resnet_lightning.models.complexity import parameter_counts
+from resnet_lightning.training.config import compose_config, instantiate_group
+
+from .output import (
     csv_text,
     markdown_table,
     png_bytes,
@@ -29,7 +27,7 @@ from resnet_lightning.report.output import (
 
 def parameter_rows(counts: dict[str, Counter[str]]) -> list[dict[str, object]]:
     """One row per stage and a total row: parameters per layer type, total and share."""
-    layer_types = sorted({t for c in counts.values() for t in c}, key=_by_total(counts))
+    layer_types = layer_types_by_size(counts)
     total = sum(sum(c.values()) for c in counts.values())
     rows = []
     for stage, c in [*counts.items(), ("total", sum(counts.values(), Counter()))]:
@@ -45,33 +43,6 @@ def parameter_rows(counts: dict[str, Counter[str]]) -> list[dict[str, object]]:
     return rows
 
 
-def _by_total(counts: dict[str, Counter[str]]):
-    totals = sum(counts.values(), Counter())
-    return lambda layer_type: -totals[layer_type]
-
-
-def plot_parameter_counts(counts: dict[str, Counter[str]], title: str) -> Figure:
-    """Bars per stage, stacked by layer type, labelled with each stage's total."""
-    layer_types = sorted({t for c in counts.values() for t in c}, key=_by_total(counts))
-    names = list(counts)
-    figure = Figure(figsize=(max(6.0, 0.8 * len(names) + 2), 4.5), layout="constrained")
-    ax = figure.subplots()
-    bottom = np.zeros(len(names))
-    for layer_type in layer_types:
-        values = np.array([counts[n].get(layer_type, 0) for n in names]) / 1e6
-        ax.bar(names, values, bottom=bottom, label=layer_type)
-        bottom += values
-    for x, height in enumerate(bottom):
-        ax.annotate(f"{height:.2f}M" if height >= 0.01 else f"{height * 1e6:,.0f}",
-                    (x, height), ha="center", va="bottom", fontsize=8)  # fmt: skip
-    ax.margins(y=0.1)  # room for the labels above the tallest bar
-    ax.set_ylabel("parameters (millions)")
-    ax.set_title(title)
-    ax.tick_params(axis="x", labelrotation=30)
-    ax.legend(title="layer type", fontsize=8, loc="upper left")
-    return figure
-
-
 def build_model(overrides: list[str]) -> tuple[nn.Module, str]:
     """The model exactly as `python -m resnet_lightning OVERRIDES` builds it (on the meta
     device: shapes only, no memory), and its name."""
@@ -79,10 +50,7 @@ def build_model(overrides: list[str]) -> tuple[nn.Module, str]:
     cfg.model.pretrained = None  # counting needs shapes, not weights
     cfg.model.compile = False
     with torch.device("meta"):
-        try:
-            model = instantiate(cfg.model)
-        except Exception as err:  # a bad model argument: name it, not the traceback
-            raise UsageError(f"model {cfg.model.name}: {err.__cause__ or err}") from None
+        model = instantiate_group(cfg, "model")
     return model, cfg.model.name
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import create_model, get_model_info, list_models
+from .factory import create_model
+from .registry import get_model_info, list_models
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -51,7 +52,8 @@ def _si(n: int) -> str:
     return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def markdown_table() -> str:
+def zoo_table() -> str:
+    """Every registered model as a markdown table: family, parameters, MACs, paper."""
     lines = [
         "Parameters with the natural head: 1000 classes for 224 px (ImageNet) models, 10 for",
         "32 px (CIFAR) ones. MACs (FLOPs / 2) for one image at the natural size with the default",

@@ -7,14 +7,14 @@ from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_lightning.errors import TrainingDivergedError
+from resnet_lightning.errors import InvalidArgument
 from resnet_lightning.models import get_classifier
 
+# The stages metrics are kept for, each under its own prefix (train/acc, val/acc, test/acc).
 SPLITS = ("train", "val", "test")
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -52,8 +52,8 @@ class ImageClassifier(L.LightningModule):
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}"
+            raise InvalidArgument(
+                "scheduler_interval", scheduler_interval, "is not 'epoch' or 'step'"
             )
         # The network and factories are rebuilt from the run's Hydra config, not pickled here.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -68,12 +68,10 @@ class ImageClassifier(L.LightningModule):
         # Keyed "<split>_" because ModuleDict keys may not shadow Module methods like train().
         self.metrics = nn.ModuleDict({f"{s}_": accuracy.clone(prefix=f"{s}/") for s in SPLITS})
         # No NaN check: it reads the loss back every step, a host sync that stalls a GPU until
-        # it has caught up (divergence is caught below, at logging steps).
+        # it has caught up (callbacks.divergence.DivergenceGuard checks at logging steps).
         self.mean_loss = nn.ModuleDict(
             {f"{s}_": MeanMetric(nan_strategy="disable") for s in SPLITS}
         )
-        # The first non-finite training loss, as (global step, loss), kept on the device.
-        self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -107,60 +105,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, "train")
-        self._record_if_nonfinite(loss)
-        if self._is_check_step(batch_idx):
-            self._stop_if_diverged()
         return loss
-
-    def _is_check_step(self, batch_idx: int) -> bool:
-        """Whether this step reads the divergence record back (a host sync): at Lightning's
-        logging steps (which sync anyway), at the epoch's last batch and at the last step.
-        Validation and the end of training check too (hooks below), so that a diverged run
-        stops before it writes a checkpoint or metrics."""
-        trainer, log_every = self.trainer, self.trainer.log_every_n_steps
-        return (
-            (log_every > 0 and (self.global_step + 1) % log_every == 0)
-            or batch_idx + 1 >= trainer.num_training_batches
-            or 0 < trainer.max_steps <= self.global_step + 1
-        )
-
-    def on_fit_start(self) -> None:
-        self._nonfinite = None
-
-    def on_validation_start(self) -> None:
-        if not self.trainer.sanity_checking and self.trainer.state.fn == TrainerFn.FITTING:
-            self._stop_if_diverged()
-
-    def on_train_end(self) -> None:  # stopped early (max_time, EarlyStopping) between checks
-        self._stop_if_diverged()
-
-    def _record_if_nonfinite(self, loss: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        if self._nonfinite is None:
-            self._nonfinite = (torch.tensor(-1, device=loss.device), torch.zeros_like(loss))
-        step, value = self._nonfinite
-        first = ~loss.isfinite() & (step < 0)
-        self._nonfinite = (
-            torch.where(first, self.global_step, step),
-            torch.where(first, loss, value),
-        )
-
-    def _stop_if_diverged(self) -> None:
-        # Every rank gets here at the same point (its record is None on all or on none), and
-        # decides together, so that every DDP rank stops instead of waiting in an all-reduce.
-        # Only in training_step and hooks where no rank runs a collective of its own.
-        if self._nonfinite is None:
-            return
-        step, value = (t.item() for t in self._nonfinite)  # the second read waits for nothing
-        if not self.trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
-            return
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        where = f"became {value} at step {step}" if step >= 0 else "diverged on another rank"
-        raise TrainingDivergedError(
-            f"the training loss {where}; training stopped at step {self.global_step} (epoch "
-            f"{self.current_epoch}) and wrote no metrics: lower optimizer.lr (it is {lr:g}) or "
-            "clip gradients with trainer.gradient_clip_val=1.0"
-        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -10,7 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from resnet_lightning.files import write_atomic
+from resnet_lightning.atomic_files import write_atomic
 
 Row = dict[str, Any]
 

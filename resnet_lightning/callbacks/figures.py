@@ -6,9 +6,10 @@ Each writes to the run's TensorBoardLogger and does nothing without one (`logger
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
@@ -17,9 +18,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
-from resnet_lightning.datamodule import NORMALIZATION, CifarDataModule
-from resnet_lightning.models.summary import parameter_counts, stages
-from resnet_lightning.report.params import plot_parameter_counts
+from resnet_lightning.data import NORMALIZATION, CifarDataModule
+from resnet_lightning.models.complexity import parameter_counts, stages
 
 
 def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:
@@ -98,8 +98,10 @@ class AugmentedImageGrid(L.Callback):
         images = batch[0][: self.num_images].detach().float().cpu()
         datamodule = trainer.datamodule
         if isinstance(datamodule, CifarDataModule):
-            mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in NORMALIZATION[
-                datamodule.hparams.normalization])  # fmt: skip
+            mean, std = (
+                torch.tensor(s).view(1, 3, 1, 1)
+                for s in NORMALIZATION[datamodule.hparams.normalization]
+            )
             grid = make_grid((images * std + mean).clamp(0, 1), nrow=self.nrow)
         else:  # unknown statistics: stretch each image to the full range instead
             grid = make_grid(images, nrow=self.nrow, normalize=True, scale_each=True)
@@ -191,3 +193,36 @@ class ParameterDistribution(L.Callback):
             if weights:
                 values = torch.cat(weights).float().cpu()
                 writer.add_histogram(f"weights/{name}", values, trainer.global_step)
+
+
+def layer_types_by_size(counts: dict[str, Counter[str]]) -> list[str]:
+    """The layer types of `parameter_counts`, the one holding most parameters first."""
+    totals = sum(counts.values(), Counter())
+    return sorted(totals, key=lambda layer_type: -totals[layer_type])
+
+
+def plot_parameter_counts(counts: dict[str, Counter[str]], title: str) -> Figure:
+    """Bars per stage, stacked by layer type, labelled with each stage's total."""
+    layer_types = layer_types_by_size(counts)
+    names = list(counts)
+    figure = Figure(figsize=(max(6.0, 0.8 * len(names) + 2), 4.5), layout="constrained")
+    ax = figure.subplots()
+    bottom = np.zeros(len(names))
+    for layer_type in layer_types:
+        values = np.array([counts[n].get(layer_type, 0) for n in names]) / 1e6
+        ax.bar(names, values, bottom=bottom, label=layer_type)
+        bottom += values
+    for x, height in enumerate(bottom):
+        ax.annotate(
+            f"{height:.2f}M" if height >= 0.01 else f"{height * 1e6:,.0f}",
+            (x, height),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.margins(y=0.1)  # room for the labels above the tallest bar
+    ax.set_ylabel("parameters (millions)")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(title="layer type", fontsize=8, loc="upper left")
+    return figure

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from resnet_lightning.files import write_json
+from resnet_lightning.atomic_files import write_json
 
 # aten ops that make the host wait for the device's result.
 SYNC_OPS = frozenset(

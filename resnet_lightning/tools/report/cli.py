@@ -23,19 +23,19 @@ COMMANDS = ("summary", "params", "compare", "degradation")
 
 # Each report imports what it needs when it runs: a summary should not wait for Lightning.
 def run_summary(args: argparse.Namespace) -> list[Path]:
-    from resnet_lightning.report.summary import write_summary
+    from .summary import write_summary
 
     return write_summary(args.directory, args.out)
 
 
 def run_params(args: argparse.Namespace) -> list[Path]:
-    from resnet_lightning.report.params import write_params_report
+    from .params import write_params_report
 
     return write_params_report(args.overrides, args.out)
 
 
 def run_compare(args: argparse.Namespace) -> list[Path]:
-    from resnet_lightning.report.compare import MODELS, write_comparison
+    from .compare import MODELS, write_comparison
 
     models = args.models.split(",") if args.models else MODELS
     return write_comparison(
@@ -44,7 +44,7 @@ def run_compare(args: argparse.Namespace) -> list[Path]:
 
 
 def run_degradation(args: argparse.Namespace) -> list[Path]:
-    from resnet_lightning.report.degradation import write_degradation_report
+    from .degradation import write_degradation_report
 
     return write_degradation_report(args.directory, args.out)
 

@@ -24,8 +24,9 @@ from torchvision.models import get_model_weights
 
 from resnet_lightning.errors import UsageError
 from resnet_lightning.models import create_model, list_models
-from resnet_lightning.models.summary import count_macs, count_parameters
-from resnet_lightning.report.output import (
+from resnet_lightning.models.complexity import count_macs, count_parameters
+
+from .output import (
     csv_text,
     markdown_table,
     png_bytes,

@@ -8,7 +8,7 @@ import time
 import lightning as L
 import torch
 
-from resnet_lightning.files import write_json
+from resnet_lightning.atomic_files import write_json
 
 
 class EpochTimer(L.Callback):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from resnet_lightning.report.output import (
+from .output import (
     csv_text,
     markdown_table,
     percent,
@@ -17,7 +17,7 @@ from resnet_lightning.report.output import (
     thousands,
     write_files,
 )
-from resnet_lightning.report.runs import Run, find_runs, read_scalars, varying_overrides
+from .runs import Run, find_runs, read_scalars, varying_overrides
 
 METRICS = ("test/acc", "test/acc_top5", "val/acc", "params", "wall_time_s")
 FORMATS = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,11 +49,12 @@ def find_runs(directory: str | Path) -> list[Run]:
             f"{directory} holds no runs (no .hydra/config.yaml in it or its folders); pass a run "
             "or multirun directory such as outputs/multirun/<date>"
         )
-    return [_read_run(p) for p in sorted(job_dirs, key=lambda p: _natural_key(p.name))]
+    return [_read_run(p) for p in sorted(job_dirs, key=_job_order)]
 
 
-def _natural_key(name: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+def _job_order(path: Path) -> tuple[int, int | str]:
+    """Multirun jobs by number (2 before 10), then any other folders by name."""
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
 
 
 def _read_run(path: Path) -> Run:

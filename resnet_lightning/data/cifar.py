@@ -20,11 +20,12 @@ from pathlib import Path, PurePosixPath
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from resnet_lightning.atomic_files import write_atomic
 from resnet_lightning.errors import DataError
-from resnet_lightning.files import write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
-SPLITS = ("train", "test")
+# The split folders of an image-folder tree or archive.
+TREE_SPLITS = ("train", "test")
 # Bumped whenever the cache layout changes, so stale caches are rebuilt rather than misread.
 CACHE_VERSION = 2
 
@@ -106,13 +107,13 @@ def _read_torchvision(root: Path) -> CifarArrays:
 
 def _read_image_tree(path: Path) -> CifarArrays:
     """Decode every image of a tree or archive, keyed by the split and class folders."""
-    images: dict[str, list[tuple[str, str, bytes]]] = {split: [] for split in SPLITS}
+    images: dict[str, list[tuple[str, str, bytes]]] = {split: [] for split in TREE_SPLITS}
     try:
         for name, data in _iter_files(path, _is_image):
             parts = PurePosixPath(name).parts
             # The split folder may sit under a top folder (cifar10/train/cat/0001.jpg).
             for i, part in enumerate(parts[:-2]):
-                if part in SPLITS:
+                if part in TREE_SPLITS:
                     images[part].append((parts[i + 1], name, data))
                     break
         classes = sorted({cls for cls, _, _ in images["train"]})
@@ -126,7 +127,7 @@ def _read_image_tree(path: Path) -> CifarArrays:
             raise DataError(f"{path}: test classes {sorted(unknown)} are not in train")
         index = {cls: i for i, cls in enumerate(classes)}
         arrays = {}
-        for split in SPLITS:
+        for split in TREE_SPLITS:
             # Sorted, then a fixed shuffle: the same order on every machine, and classes mixed
             # as in the original batches, so a run limited to a few test batches sees them all.
             entries = sorted(images[split], key=lambda e: e[1])

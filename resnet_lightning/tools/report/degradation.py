@@ -12,14 +12,15 @@ from matplotlib.figure import Figure
 
 from resnet_lightning.errors import UsageError
 from resnet_lightning.models import get_model_info
-from resnet_lightning.report.output import (
+
+from .output import (
     csv_text,
     markdown_table,
     percent,
     png_bytes,
     write_files,
 )
-from resnet_lightning.report.runs import Run, find_runs, read_scalars
+from .runs import Run, find_runs, read_scalars
 
 # The training error is each epoch's mean over the augmented batches, as the paper's thin
 # curves; the bold ones are error on held-out images (here the 5k validation split).

@@ -22,8 +22,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from torch import nn
 
-from resnet_lightning.errors import UNSAFE_PICKLE, CheckpointError, unsafe_file_message
-from resnet_lightning.files import write_atomic
+from resnet_lightning.atomic_files import write_atomic
+from resnet_lightning.errors import CheckpointError, is_unsafe_pickle, unsafe_file_message
 
 # Suffix of the temporary files a save writes; one left behind is a save that was killed.
 PARTIAL_SUFFIX = ".partial"
@@ -79,7 +79,7 @@ def load_checkpoint_file(
         mmap = mmap and zipfile.is_zipfile(path)
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if UNSAFE_PICKLE not in str(err):
+        if not is_unsafe_pickle(err):
             raise _corrupt(path, err) from err
         raise CheckpointError(unsafe_file_message(str(path), err)) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:

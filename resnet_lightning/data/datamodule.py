@@ -10,10 +10,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from resnet_lightning.cifar import CifarArrays, load_cifar10
-from resnet_lightning.errors import DataError, UsageError
-from resnet_lightning.resume import EpochSeededSampler, run_seed
-from resnet_lightning.tensor_loader import TensorLoader, intra_op_threads
+from resnet_lightning.errors import DataError, InvalidArgument
+
+from .cifar import CifarArrays, load_cifar10
+from .sampling import EpochSeededSampler, run_seed
+from .tensor_loader import TensorLoader, intra_op_threads
 
 PIPELINES = ("torchvision", "tensor")
 # Per-channel statistics of the training images, and torchvision's ImageNet ones for
@@ -40,8 +41,8 @@ class ImageTensorDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         # A DataLoader fetches each batch through here. With num_workers=0 that is the training
         # process, whose intra-op threads are sized for the model: one image's ops are too
-        # small to share, and the threads only contend (10x slower at 224 px on 2 busy cores).
-        # Worker processes already run single-threaded.
+        # small to share, and the threads only contend (docs/performance.md). Worker processes
+        # already run single-threaded.
         with intra_op_threads(1):
             return [self[i] for i in indices]
 
@@ -64,7 +65,7 @@ class CifarDataModule(L.LightningDataModule):
             each training image (DeVries & Taylor 2017); 0 for none.
         pipeline: "torchvision" (PIL, one image at a time, in DataLoader workers) or "tensor"
             (the data set as one uint8 tensor on the training device, batches augmented
-            whole: resnet_lightning.tensor_loader).
+            whole: resnet_lightning.data.tensor_loader).
         channels_last: "tensor" pipeline: channels-last batches, for channels-last models.
     """
 
@@ -87,22 +88,23 @@ class CifarDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size <= 0:
-            raise UsageError(f"data.batch_size={batch_size} must be positive, e.g. 128")
+            raise InvalidArgument("batch_size", batch_size, "must be positive, e.g. 128")
         if val_size < 0:
-            raise UsageError(f"data.val_size={val_size} must be >= 0 (0 validates on test)")
+            raise InvalidArgument("val_size", val_size, "must be >= 0 (0 validates on test)")
         if num_workers < 0:
-            raise UsageError(f"data.num_workers={num_workers} must be >= 0")
+            raise InvalidArgument("num_workers", num_workers, "must be >= 0")
         if normalization not in NORMALIZATION:
-            raise UsageError(
-                f"data.normalization={normalization!r} is unknown; use one of "
-                f"{', '.join(NORMALIZATION)}"
+            raise InvalidArgument(
+                "normalization", normalization, f"is unknown; use one of {', '.join(NORMALIZATION)}"
             )
         if pipeline not in PIPELINES:
-            raise UsageError(
-                f"data.pipeline={pipeline!r} is unknown; use one of {', '.join(PIPELINES)}"
+            raise InvalidArgument(
+                "pipeline", pipeline, f"is unknown; use one of {', '.join(PIPELINES)}"
             )
         if not 0 <= cutout < 32:
-            raise UsageError(f"data.cutout={cutout} must be in 0..31 pixels (0: no cutout), e.g. 8")
+            raise InvalidArgument(
+                "cutout", cutout, "must be in 0..31 pixels (0: no cutout), e.g. 8"
+            )
         self.save_hyperparameters()
         self.arrays: CifarArrays | None = None
         self._placed: CifarArrays | None = None  # the arrays on the tensor pipeline's device
@@ -127,7 +129,7 @@ class CifarDataModule(L.LightningDataModule):
             )
         n_train, val_size = len(self.arrays.train_labels), self.hparams.val_size
         if val_size >= n_train:
-            raise UsageError(
+            raise DataError(
                 f"data.val_size={val_size} leaves no training images (the set has {n_train})"
             )
         generator = torch.Generator().manual_seed(self.hparams.split_seed)
@@ -175,12 +177,22 @@ class CifarDataModule(L.LightningDataModule):
         train = split == "train"
         mean, std = NORMALIZATION[self.hparams.normalization]
         return TensorLoader(
-            images, labels, self.hparams.batch_size, mean, std, index=index,
+            images,
+            labels,
+            self.hparams.batch_size,
+            mean,
+            std,
+            index=index,
             augment=train and self.hparams.augment,
             cutout=self.hparams.cutout if train and self.hparams.augment else 0,
-            image_size=self.hparams.image_size, channels_last=self.hparams.channels_last,
-            shuffle=train, drop_last=train, seed=run_seed(), rank=rank, world_size=world_size,
-        )  # fmt: skip
+            image_size=self.hparams.image_size,
+            channels_last=self.hparams.channels_last,
+            shuffle=train,
+            drop_last=train,
+            seed=run_seed(),
+            rank=rank,
+            world_size=world_size,
+        )
 
     def _arrays_on(self, device: torch.device) -> CifarArrays:
         # One copy per device, shared by the train, val and test loaders; on the CPU, none.

@@ -1,4 +1,5 @@
-"""Hydra entry point: compose the config, train, test the best checkpoint, write metrics.json."""
+"""`python -m resnet_lightning`: compose the config, train, test the best checkpoint, write
+metrics.json. `train()` is the whole run, top to bottom."""
 
 from __future__ import annotations
 
@@ -14,29 +15,37 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from resnet_lightning.checkpointing import (
+from resnet_lightning.atomic_files import write_json
+from resnet_lightning.callbacks.checkpoints import (
     AtomicCheckpointIO,
     RunRecord,
     check_checkpoint_fits,
     load_checkpoint_file,
 )
-from resnet_lightning.cli import hydra_job, one_line_errors, process_argv
-from resnet_lightning.config import CONFIG_DIR
-from resnet_lightning.config_checks import check_config
-from resnet_lightning.files import write_json
-from resnet_lightning.resume import ReseedEachEpoch, resume_checkpoint
+from resnet_lightning.callbacks.divergence import DivergenceGuard
+from resnet_lightning.callbacks.reseed import ReseedEachEpoch
+from resnet_lightning.errors import UsageError, one_line_errors
+from resnet_lightning.training.config import CONFIG_DIR, check_config, instantiate_group
+from resnet_lightning.training.launch import hydra_job, process_overrides
+from resnet_lightning.training.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
 # Columns of TensorBoard's HPARAMS tab besides the model, optimizer, scheduler, seed and overrides.
 HPARAM_KEYS = (
-    "model.stem", "data.batch_size", "data.image_size", "data.augment", "module.label_smoothing",
-    "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "trainer.devices",
-)  # fmt: skip
+    "model.stem",
+    "data.batch_size",
+    "data.image_size",
+    "data.augment",
+    "module.label_smoothing",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.precision",
+    "trainer.devices",
+)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -45,47 +54,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     resume_path = resume_checkpoint(cfg)
     seed = L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-    if (threads := cfg.get("num_threads")) is not None:
-        # OMP_NUM_THREADS too: the DDP ranks Lightning starts inherit it, and it keeps Lightning
-        # from dividing the cores among them by itself.
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
+    set_torch_threads(cfg)
 
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model)
-    scheduler = instantiate(cfg.scheduler) if cfg.scheduler else None
-    module = instantiate(
-        cfg.module, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = instantiate_group(cfg, "data")
+    log.info("Instantiating model <%s> (%s)", cfg.model._target_, cfg.model.name)
+    net = instantiate_group(cfg, "model")
+    module = instantiate_group(
+        cfg,
+        "module",
+        net=net,
+        optimizer=instantiate_group(cfg, "optimizer"),
+        scheduler=instantiate_group(cfg, "scheduler") if cfg.scheduler else None,
     )
     if resume_path:  # a checkpoint that cannot continue this run stops it before any output
         # Memory-mapped: the check reads shapes, fit() then loads the file for real.
         check_checkpoint_fits(module, load_checkpoint_file(resume_path, mmap=True), resume_path)
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    # The Trainer's switches turn off the configured callbacks too, not only its defaults.
-    for kind, switch in (
-        (ProgressBar, "enable_progress_bar"),
-        (ModelSummary, "enable_model_summary"),
-    ):
-        if not cfg.trainer.get(switch, True):
-            callbacks = [c for c in callbacks if not isinstance(c, kind)]
+    # First, so that its checks fall inside other callbacks' per-batch windows (host_syncs).
+    callbacks = [DivergenceGuard(), *configured_callbacks(cfg)]
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed)]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c]
+    loggers = [instantiate_group(cfg, key) for key in group_entries(cfg, "logger")]
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
-    plugins = [AtomicCheckpointIO(), *instantiate(cfg.trainer.get("plugins") or [])]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins
+    plugins = [AtomicCheckpointIO(), *(instantiate_group(cfg, "trainer.plugins") or [])]
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer: L.Trainer = instantiate_group(
+        cfg, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
     for logger in trainer.loggers:  # the whole config, as the loggers' hparams.yaml
         logger.log_hyperparams(resolved)
 
+    log.info("Starting training")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     best_val = checkpoint.best_model_score if checkpoint and best_path else None
     if best_val is None:  # the last validation's, read before testing clears callback_metrics
         best_val = trainer.callback_metrics.get("val/acc")
+    log.info("Starting testing (%s)", best_path or "the last weights")
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
 
     metrics = {
@@ -102,6 +109,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("metrics: %s", json.dumps(metrics))
     log_final_hparams(trainer, cfg, metrics)
     return metrics
+
+
+def set_torch_threads(cfg: DictConfig) -> None:
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    if (threads := cfg.get("num_threads")) is not None:
+        # OMP_NUM_THREADS too: the DDP ranks Lightning starts inherit it, and it keeps Lightning
+        # from dividing the cores among them by itself.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def group_entries(cfg: DictConfig, group: str) -> list[str]:
+    """The keys of a group of named objects (`logger`, `callbacks`) that are set, e.g.
+    `callbacks.lr_monitor`; none for `group=[]`, `~group` or `group=null`."""
+    node = cfg.get(group)
+    if not node:
+        return []
+    if not isinstance(node, DictConfig):
+        raise UsageError(
+            f"{group}={OmegaConf.to_yaml(node).strip()} is not a set of {group}; pass a choice "
+            f"from conf/{group}/ (e.g. {group}=[tensorboard,csv]), or {group}=[] for none"
+        )
+    return [f"{group}.{name}" for name, entry in node.items() if entry]
+
+
+def configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """conf/callbacks/ less those set to null, and less those the Trainer's switches turn off
+    (`trainer.enable_progress_bar=false` drops the configured bar too, not only its default)."""
+    callbacks = [instantiate_group(cfg, key) for key in group_entries(cfg, "callbacks")]
+    for kind, switch in (
+        (ProgressBar, "enable_progress_bar"),
+        (ModelSummary, "enable_model_summary"),
+    ):
+        if not cfg.trainer.get(switch, True):
+            callbacks = [c for c in callbacks if not isinstance(c, kind)]
+    return callbacks
 
 
 def tensorboard_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -137,15 +180,14 @@ def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, An
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run(cfg: DictConfig) -> float:
     """One Hydra job: a run, or one job of a multirun."""
-    # Inside the job too: Hydra would print its own "Error executing job" line before ours.
+    # Inside the job too: Hydra would log its own "Error executing job" report before ours.
     with hydra_job(), one_line_errors():
         metrics = train(cfg)
-    # Hydra sweepers (Optuna, ...) optimize the value returned here.
-    return metrics[cfg.optimized_metric]
+    return metrics[cfg.optimized_metric]  # what Hydra sweepers (Optuna, ...) optimize
 
 
 def main() -> None:
     """`python -m resnet_lightning [overrides]`; bad input ends it with one line and exit 2."""
-    sys.argv[1:] = process_argv(sys.argv[1:])
     with one_line_errors():
+        sys.argv[1:] = process_overrides(sys.argv[1:])
         run()

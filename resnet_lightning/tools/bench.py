@@ -1,0 +1,475 @@
+"""`python -m resnet_lightning.bench`: how fast the data paths, the models and the framework are.
+
+Three measurements; each figure is taken in the same run as the figures it is compared with.
+
+1. pipeline: input images/s of the seed's torchvision/PIL path (DataLoader workers) against
+   the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any.
+2. train: training images/s and peak memory per model, precision and memory format, through
+   the plain loop (plain_loop.py) fed by the tensor path; on a GPU also the seed's recipe
+   (ResNet-50 at 224 px, fp32, PIL pipeline with 2 workers) as the baseline.
+3. overhead: one model, data and batch size through the plain loop and through
+   `python -m resnet_lightning` with its default callbacks; the ratio of epoch times.
+
+Prints markdown tables and writes everything to a JSON file (`--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resnet_lightning.atomic_files import write_json
+from resnet_lightning.callbacks.epoch_timer import EpochTimer
+from resnet_lightning.data import CifarDataModule
+from resnet_lightning.models import create_model
+from resnet_lightning.tools.plain_loop import fit, run_epoch
+from resnet_lightning.tools.report.output import markdown_table
+from resnet_lightning.training.config import compose_config, instantiate_group
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("pipeline", "train", "overhead")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A training-throughput row's model: name, stem, image size, CPU and GPU batch sizes."""
+
+    name: str
+    stem: str
+    image_size: int
+    cpu_batch: int
+    gpu_batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.stem} stem, {self.image_size} px)"
+
+
+MODELS = {
+    "resnet20": ModelSpec("resnet20", "cifar", 32, 128, 512),
+    "resnet18": ModelSpec("resnet18", "cifar", 32, 64, 512),
+    "resnet50": ModelSpec("resnet50", "imagenet", 224, 8, 256),
+    "resnet9": ModelSpec("resnet9", "cifar", 32, 128, 512),
+}
+# The seed's recipe, end to end: its model, precision, pipeline, workers and batch size.
+SEED = {"model": "resnet50", "stem": "imagenet", "image_size": 224, "workers": 2, "batch": 128}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_lightning.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks that everything runs (tests)"
+    )
+    parser.add_argument("--data-root", default=str(REPO / "data"), help="the data cache folder")
+    parser.add_argument(
+        "--data-path",
+        default=os.environ.get("CIFAR10_PATH"),
+        help="CIFAR-10 image-folder tree or archive (default: $CIFAR10_PATH, else download)",
+    )
+    parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), help="default: all")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per pipeline row")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--pipeline-batch", type=int, default=256)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
+    parser.add_argument("--precisions", nargs="+", default=None, help="default: by device")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per train row")
+    parser.add_argument("--overhead-model", choices=sorted(MODELS), default="resnet20")
+    parser.add_argument("--overhead-batch", type=int, default=128)
+    parser.add_argument("--overhead-epochs", type=int, default=3, help="the first is warm-up")
+    parser.add_argument("--overhead-batches", type=int, default=30, help="per epoch; 0: all")
+    parser.add_argument("--overhead-rounds", type=int, default=2, help="runs of each, alternated")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="default: outputs/bench/<date>_<time>.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.workers, args.pipeline_batch = 0.3, [0], 32
+        args.models = args.models or ["resnet20"]
+        args.precisions = args.precisions or ["32-true"]
+        args.steps = args.steps or 2
+        args.overhead_batch, args.overhead_epochs, args.overhead_batches = 16, 2, 2
+        args.overhead_rounds = 1
+    if args.devices is None:
+        args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if "cuda" in args.devices and not torch.cuda.is_available():
+        parser.error("--devices cuda: no CUDA device here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+    started = datetime.datetime.now()
+    report: dict = {
+        "command": shlex.join(["python", "-m", "resnet_lightning.bench", *sys.argv[1:]]),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    if "pipeline" in args.sections:
+        report["pipeline"] = bench_pipelines(args)
+    if "train" in args.sections:
+        report["train"] = bench_training(args)
+    if "overhead" in args.sections:
+        report["overhead"] = bench_overhead(args)
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(markdown(report))
+    path = args.json or REPO / "outputs" / "bench" / f"{started:%Y-%m-%d_%H-%M-%S}.json"
+    write_json(path, report)
+    print(f"\nwrote {path}")
+
+
+def machine() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def datamodule(args: argparse.Namespace, **kwargs) -> CifarDataModule:
+    dm = CifarDataModule(root=args.data_root, path=args.data_path, **kwargs)
+    dm.setup()
+    return dm
+
+
+def timed_batches(
+    loader: Iterable, device: torch.device, seconds: float, min_batches: int = 2
+) -> tuple[int, float]:
+    """Images delivered on `device` per second, after a first batch (workers start, warm-up);
+    over epochs if one is done sooner than `seconds`."""
+    batches = repeat(loader)
+    next(batches)
+    images, count, start = 0, 0, time.perf_counter()
+    for x, _ in batches:
+        x = x.to(device, non_blocking=True)
+        images, count = images + len(x), count + 1
+        if count >= min_batches and time.perf_counter() - start > seconds:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images, time.perf_counter() - start
+
+
+def bench_pipelines(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for device_name in args.devices:
+        device = torch.device(device_name)
+        for size in (32, 224):
+            common = {"batch_size": args.pipeline_batch, "image_size": size}
+            if size == 224:
+                common["normalization"] = "imagenet"
+            for workers in args.workers:
+                dm = datamodule(args, num_workers=workers, **common)
+                images, seconds = timed_batches(dm.train_dataloader(), device, args.seconds)
+                rows.append(
+                    pipeline_row("torchvision", device_name, size, workers, images, seconds)
+                )
+            dm = datamodule(args, pipeline="tensor", **common)
+            loader = dm.tensor_loader("train", device)
+            images, seconds = timed_batches(loader, device, args.seconds)
+            row = pipeline_row("tensor", device_name, size, None, images, seconds)
+            row["dataset_mb"] = round(dataset_bytes(dm) / 2**20)
+            rows.append(row)
+            print(f"pipeline {device_name} {size} px done", flush=True)
+    return rows
+
+
+def pipeline_row(
+    pipeline: str, device: str, size: int, workers: int | None, images: int, seconds: float
+) -> dict:
+    return {
+        "pipeline": pipeline,
+        "device": device,
+        "image_size": size,
+        "workers": workers,
+        "images": images,
+        "images_per_s": round(images / seconds, 1),
+    }
+
+
+def dataset_bytes(dm: CifarDataModule) -> int:
+    a = dm.arrays
+    return sum(t.nbytes for t in (a.train_images, a.test_images))
+
+
+def bench_training(args: argparse.Namespace) -> list[dict]:
+    device = torch.device("cuda" if "cuda" in args.devices else "cpu")
+    on_gpu = device.type == "cuda"
+    precisions = args.precisions or (
+        ["32-true", "16-mixed", "bf16-mixed"] if on_gpu else ["32-true", "bf16-mixed"]
+    )
+    steps = args.steps or (30 if on_gpu else 3)
+    rows = []
+    for name in args.models or ["resnet20", "resnet18", "resnet50"]:
+        spec = MODELS[name]
+        batch = spec.gpu_batch if on_gpu else spec.cpu_batch
+        if args.quick:
+            batch = 16
+        for precision in precisions:
+            for channels_last in (False, True):
+                dm = datamodule(
+                    args,
+                    pipeline="tensor",
+                    batch_size=batch,
+                    image_size=spec.image_size,
+                    normalization="imagenet" if spec.stem == "imagenet" else "cifar",
+                    channels_last=channels_last,
+                )
+                loader = dm.tensor_loader("train", device)
+                row = train_row(
+                    spec.name, spec.stem, loader, device, precision, channels_last, steps
+                )
+                rows.append({"model": spec.label, "pipeline": "tensor", "batch": batch, **row})
+                print(f"train {spec.label} {precision} cl={channels_last} done", flush=True)
+    if on_gpu and not args.quick:
+        dm = datamodule(
+            args,
+            batch_size=SEED["batch"],
+            image_size=SEED["image_size"],
+            num_workers=SEED["workers"],
+            normalization="imagenet",
+        )
+        torch.backends.cudnn.benchmark = False  # the seed left it off
+        row = train_row(
+            SEED["model"], SEED["stem"], dm.train_dataloader(), device, "32-true", False, steps
+        )
+        torch.backends.cudnn.benchmark = True
+        label = f"seed: {MODELS['resnet50'].label}, PIL pipeline, {SEED['workers']} workers"
+        rows.append({"model": label, "pipeline": "torchvision", "batch": SEED["batch"], **row})
+    return rows
+
+
+def train_row(
+    name: str,
+    stem: str,
+    loader: Iterable,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    steps: int,
+) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name, stem=stem, channels_last=channels_last).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    batches = repeat(loader)
+    warmup = 2 if device.type == "cuda" else 1  # cuDNN autotuning, first allocations
+    scaler = torch.amp.GradScaler() if precision == "16-mixed" else None
+    run_epoch(model, batches, criterion, precision, warmup, optimizer, scaler)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = run_epoch(model, batches, criterion, precision, steps, optimizer, scaler)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "device": device.type,
+        "precision": precision,
+        "memory_format": "channels_last" if channels_last else "NCHW",
+        "images_per_s": round(result.images / result.seconds, 1),
+        "peak_memory_mb": None if peak is None else round(peak),
+    }
+
+
+def repeat(loader: Iterable) -> Iterator:
+    """An endless stream of the loader's batches, so warm-up and timing share one iterator."""
+    while True:
+        yield from loader
+
+
+def bench_overhead(args: argparse.Namespace) -> dict:
+    device = "cuda" if "cuda" in args.devices else "cpu"
+    spec = MODELS[args.overhead_model]
+    precision, channels_last = ("bf16-mixed", True) if device == "cuda" else ("32-true", False)
+    batches = args.overhead_batches or None
+    val_batches = max(1, batches // 4) if batches else None
+    overrides = [
+        f"model={spec.name}",
+        f"model.stem={spec.stem}",
+        f"model.channels_last={channels_last}",
+        "data.pipeline=tensor",
+        f"data.batch_size={args.overhead_batch}",
+        f"data.image_size={spec.image_size}",
+        f"data.root={Path(args.data_root).resolve()}",
+        f"data.path={args.data_path or 'null'}",
+        f"trainer.precision={precision}",
+        f"trainer.max_epochs={args.overhead_epochs}",
+        "trainer.num_sanity_val_steps=0",
+        f"trainer.limit_train_batches={batches or 1.0}",
+        f"trainer.limit_val_batches={val_batches or 1.0}",
+        "trainer.limit_test_batches=1",
+        "seed=0",
+        "trainer=gpu" if device == "cuda" else "trainer=cpu",
+    ]
+    plain, framework = [], []
+    for _ in range(args.overhead_rounds):  # alternated, so both meet the same machine load
+        plain.append(
+            plain_epochs(overrides, device, args.overhead_epochs, batches, val_batches, precision)
+        )
+        with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+            framework.append(framework_epochs(overrides, Path(tmp)))
+    framework_s, plain_s = fastest(framework), fastest(plain)
+    return {
+        "model": spec.label,
+        "device": device,
+        "precision": precision,
+        "batch": args.overhead_batch,
+        "train_batches_per_epoch": batches,
+        "plain_epoch_s": [[round(t, 3) for t in run] for run in plain],
+        "framework_epoch_s": [[round(t, 3) for t in run] for run in framework],
+        "plain_s": round(plain_s, 3),
+        "framework_s": round(framework_s, 3),
+        "ratio": round(framework_s / plain_s, 4),
+        "overrides": overrides,
+    }
+
+
+def fastest(runs: list[list[float]]) -> float:
+    """The fastest epoch but each run's first (its warm-up): the one other processes on the
+    machine disturbed least, as they only ever add time."""
+    return min(t for run in runs for t in (run[1:] or run))
+
+
+def framework_epochs(overrides: list[str], tmp: Path) -> list[float]:
+    """Epoch times of `python -m resnet_lightning`, default callbacks and loggers included."""
+    times = tmp / "epoch_times.json"
+    timer = f"+callbacks.epoch_timer={{_target_:{EpochTimer.__module__}.EpochTimer,path:'{times}'}}"
+    command = [
+        sys.executable,
+        "-m",
+        "resnet_lightning",
+        *overrides,
+        timer,
+        f"hydra.run.dir={tmp / 'run'}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(times.read_text())["epoch_s"]
+
+
+def plain_epochs(
+    overrides: list[str],
+    device: str,
+    epochs: int,
+    batches: int | None,
+    val_batches: int | None,
+    precision: str,
+) -> list[float]:
+    """Epoch times of plain_loop.fit on what the same overrides build: data, model,
+    optimizer, scheduler and loss."""
+    cfg = compose_config(overrides)
+    device = torch.device(device)
+    torch.manual_seed(0)
+    dm = instantiate_group(cfg, "data")
+    dm.setup()
+    model = instantiate_group(cfg, "model").to(device)
+    optimizer = instantiate_group(cfg, "optimizer")(model.parameters())
+    scheduler = instantiate_group(cfg, "scheduler")(optimizer) if cfg.scheduler else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.module.label_smoothing)
+    return fit(
+        model,
+        dm.tensor_loader("train", device),
+        dm.tensor_loader("val", device),
+        optimizer,
+        criterion,
+        epochs,
+        scheduler,
+        precision,
+        batches,
+        val_batches,
+    )
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
+        + (f", {m['gpu']}" if "gpu" in m else "")
+        + f"; torch {m['torch']}; {report['date']}",
+    ]
+    rate = {"images/s": "{:,.0f}".format, "peak MB": "{:,}".format}
+    if "pipeline" in report:
+        rows = [
+            {
+                "pipeline": r["pipeline"],
+                "device": r["device"],
+                "px": r["image_size"],
+                "workers": r["workers"],
+                "images/s": r["images_per_s"],
+            }
+            for r in report["pipeline"]
+        ]
+        lines += ["", markdown_table(rows, rate)]
+    if "train" in report:
+        rows = [
+            {
+                "model": r["model"],
+                "pipeline": r["pipeline"],
+                "batch": r["batch"],
+                "device": r["device"],
+                "precision": r["precision"],
+                "memory format": r["memory_format"],
+                "images/s": r["images_per_s"],
+                "peak MB": r["peak_memory_mb"],
+            }
+            for r in report["train"]
+        ]
+        lines += ["", markdown_table(rows, rate)]
+    if "overhead" in report:
+        o = report["overhead"]
+        row = {
+            "framework overhead": o["model"],
+            "device": o["device"],
+            "precision": o["precision"],
+            "batch": o["batch"],
+            "plain loop epoch s*": o["plain_s"],
+            "Trainer epoch s*": o["framework_s"],
+            "ratio": o["ratio"],
+        }
+        seconds = "{:.3f}".format
+        formats = {"plain loop epoch s*": seconds, "Trainer epoch s*": seconds, "ratio": seconds}
+        lines += [
+            "",
+            markdown_table([row], formats),
+            "",
+            f"\\* the fastest epoch after the first of each run, {len(o['plain_epoch_s'])} run(s) "
+            f"each of {o['train_batches_per_epoch'] or 'all'} training batches an epoch",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

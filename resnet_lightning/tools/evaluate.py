@@ -1,0 +1,197 @@
+"""Test or use a checkpoint, with the model rebuilt from the config its run was trained with.
+
+    python -m resnet_lightning.eval ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt
+    python -m resnet_lightning.eval ckpt_path=<ckpt> predict=cat.png     # top-5 classes
+    python -m resnet_lightning.eval ckpt_path=<ckpt> predict=photos/     # every image in a folder
+    python -m resnet_lightning.eval ckpt_path=<ckpt> 'predict=[a.png,b.jpg]'
+
+Other `key=value` arguments override the run's saved config: `data.path=...`, `data.root=...`,
+`data.batch_size=256`, `trainer.accelerator=cpu`. The whole test set is tested even when the
+run's own test was limited to a few batches (`trainer.limit_test_batches=2` to limit it again).
+The checkpoint is loaded with
+`weights_only=True`; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from resnet_lightning.callbacks.checkpoints import (
+    RunRecord,
+    check_checkpoint_fits,
+    load_checkpoint_file,
+)
+from resnet_lightning.data.cifar import IMAGE_SUFFIXES
+from resnet_lightning.errors import CheckpointError, UsageError, one_line_errors
+from resnet_lightning.training.config import instantiate_group, upgrade_saved_config
+from resnet_lightning.training.module import ImageClassifier
+
+# A single process sees every test image once (DDP's sampler pads the last batch with repeats),
+# all of them even when the run itself tested a few batches (limit_test_batches).
+EVAL_TRAINER = {
+    "devices": 1,
+    "num_nodes": 1,
+    "strategy": "auto",
+    "accelerator": "auto",
+    "limit_test_batches": 1.0,
+}
+
+
+class TrainedRun(NamedTuple):
+    """A checkpoint's run: its config (with the eval overrides), module and class names."""
+
+    cfg: DictConfig
+    module: ImageClassifier
+    class_names: list[str]
+
+
+def evaluate(ckpt_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Test metrics of the checkpoint on its run's test data (as configured, plus `overrides`)."""
+    cfg, module, _ = load_trained_run(ckpt_path, overrides)
+    datamodule = instantiate_group(cfg, "data")
+    trainer: L.Trainer = instantiate_group(
+        cfg, "trainer", logger=False, callbacks=[], enable_checkpointing=False
+    )
+    (metrics,) = trainer.test(module, datamodule=datamodule)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def predict(
+    ckpt_path: str | Path, images: Sequence[str | Path], overrides: Sequence[str] = ()
+) -> list[tuple[Path, list[tuple[str, float]]]]:
+    """The top-5 (class, probability) of each image file, or of each image in a folder."""
+    cfg, module, class_names = load_trained_run(ckpt_path, overrides)
+    # Any picture is first brought to CIFAR's 32 px, then through the run's test transform.
+    transform = instantiate_group(cfg, "data").transform(train=False)
+    files = _image_files(images)
+    tensors = [transform(v2.functional.resize(_open_image(f), [32, 32])) for f in files]
+    module.eval()
+    with torch.inference_mode():
+        batches = [torch.stack(tensors[i : i + 64]) for i in range(0, len(tensors), 64)]
+        probabilities = torch.cat([module.predict_logits(b).softmax(dim=1) for b in batches])
+    top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+    return [
+        (file, [(class_names[c], float(p)) for p, c in zip(values, classes, strict=True)])
+        for file, values, classes in zip(files, top.values, top.indices, strict=True)
+    ]
+
+
+def load_trained_run(ckpt_path: str | Path, overrides: Sequence[str] = ()) -> TrainedRun:
+    """The run's config (with `overrides`) and its module holding the checkpoint's weights."""
+    checkpoint = load_checkpoint_file(ckpt_path)
+    cfg = run_config(checkpoint, Path(ckpt_path))
+    cfg.trainer.update(EVAL_TRAINER)
+    # The weights come from the checkpoint: no download of pretrained ones, no compilation.
+    cfg.model.update({"pretrained": None, "compile": False})
+    cfg = _apply_overrides(cfg, overrides)
+    net = instantiate_group(cfg, "model")
+    optimizer = instantiate_group(cfg, "optimizer")
+    module: ImageClassifier = instantiate_group(cfg, "module", net=net, optimizer=optimizer)
+    check_checkpoint_fits(module, checkpoint, ckpt_path)
+    module.load_state_dict(checkpoint["state_dict"])
+    classes = checkpoint.get(RunRecord.CLASSES_KEY)
+    return TrainedRun(cfg, module, classes or [str(i) for i in range(cfg.module.num_classes)])
+
+
+def run_config(checkpoint: dict[str, Any], ckpt_path: Path) -> DictConfig:
+    """The resolved config saved in the checkpoint, or for checkpoints without one, the run's
+    .hydra/config.yaml (the checkpoint in <run>/checkpoints/); `_target_`s that have moved
+    since it was written are renamed."""
+    saved = checkpoint.get(RunRecord.CONFIG_KEY)
+    if saved is not None:
+        return upgrade_saved_config(OmegaConf.create(saved))
+    run_dir = ckpt_path.resolve().parent.parent
+    hydra_dir = run_dir / ".hydra"
+    if not (hydra_dir / "config.yaml").is_file():
+        raise CheckpointError(
+            f"{ckpt_path} holds no run config and {hydra_dir}/config.yaml does not exist; "
+            "keep the checkpoint in its run's checkpoints/ folder"
+        )
+    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    # Hydra's runtime values (${hydra:...}) exist only inside a Hydra app: fill in the paths.
+    cwd = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.cwd
+    cfg.paths.update({"root_dir": cwd, "output_dir": str(run_dir)})
+    OmegaConf.resolve(cfg)
+    return upgrade_saved_config(cfg)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    OmegaConf.set_struct(cfg, True)
+    problem = None
+    try:
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            if isinstance(OmegaConf.select(cfg, key), DictConfig):
+                problem = f"{key} is a whole config group"
+                break
+        else:
+            return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        problem = str(err).splitlines()[0]
+    raise UsageError(
+        f"cannot apply {' '.join(overrides)} to the run's config ({problem}); eval takes "
+        "key.path=value overrides of existing keys, e.g. trainer.accelerator=cpu (not group "
+        "choices such as trainer=cpu)"
+    )
+
+
+def _image_files(images: Sequence[str | Path]) -> list[Path]:
+    files = []
+    for image in map(Path, images):
+        if image.is_dir():
+            files += sorted(f for f in image.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif image.is_file():
+            files.append(image)
+        else:
+            raise UsageError(
+                f"predict={image}: no such file or folder; pass image files or a folder"
+            )
+    if not files:
+        raise UsageError(f"predict={','.join(map(str, images))}: no images found")
+    return files
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"could not read image {path} ({err}); pass .png/.jpg images") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m resnet_lightning.eval ckpt_path=... [predict=...] [key=value ...]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    with one_line_errors():
+        args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+        unparsed = [arg for arg in argv if "=" not in arg]
+        if unparsed or "ckpt_path" not in args:
+            raise UsageError(
+                f"expected ckpt_path=<file.ckpt> and key=value arguments, got {' '.join(argv)}"
+            )
+        ckpt_path, images = args.pop("ckpt_path"), args.pop("predict", None)
+        overrides = [f"{k}={v}" for k, v in args.items()]
+        if images is None:
+            print(json.dumps(evaluate(ckpt_path, overrides)))
+            return
+        images = OmegaConf.from_dotlist([f"images={images}"]).images  # one path or a [list]
+        images = list(images) if OmegaConf.is_list(images) else [images]
+        for file, top5 in predict(ckpt_path, images, overrides):
+            print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in top5))
+
+
+if __name__ == "__main__":
+    main()

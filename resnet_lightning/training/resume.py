@@ -1,0 +1,75 @@
+"""Which checkpoint a run resumes from, and with which settings.
+
+`resume=auto` continues from `<run dir>/checkpoints/last.ckpt` (a fresh run when there is none)
+with the overrides the run was started with; `resume=<path>` from that checkpoint. Lightning
+restores the weights, optimizer, scheduler and loop counters; the data's epoch-seeded
+shuffling (data/sampling.py) and callbacks/reseed.py make the epochs after a resume draw the
+random numbers an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_lightning.callbacks.checkpoints import remove_partial_checkpoints
+from resnet_lightning.errors import UsageError
+from resnet_lightning.training.config import MOVED_TARGETS
+
+log = logging.getLogger(__name__)
+LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint `cfg.resume` names, or None to start fresh."""
+    resume = cfg.get("resume")
+    if resume is None:
+        return None
+    if resume == "auto":
+        folder = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
+        folder = Path(folder or Path(cfg.paths.output_dir) / "checkpoints")
+        remove_partial_checkpoints(folder)
+        last = folder / LAST_CHECKPOINT
+        if not last.is_file():
+            log.info("resume=auto: no %s yet, starting a fresh run", last)
+            return None
+        log.info("resume=auto: continuing from %s", last)
+        return str(last)
+    path = Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise UsageError(
+            f"resume={resume}: no such checkpoint file; pass a .ckpt path, or resume=auto "
+            "with hydra.run.dir=<the run's directory>"
+        )
+    return str(path)
+
+
+def with_saved_overrides(argv: list[str]) -> list[str]:
+    """`resume=auto hydra.run.dir=<run>`: put the run's own overrides (.hydra/overrides.yaml)
+    before `argv`, so the run continues with the settings it started with. Overrides given on
+    the command line win; a multirun repeats its sweep arguments itself."""
+    if "resume=auto" not in argv or {"-m", "--multirun"} & set(argv):
+        return argv
+    run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    saved_file = Path(run_dirs[-1]) / ".hydra" / "overrides.yaml" if run_dirs else None
+    if saved_file is None or not saved_file.is_file():
+        return argv
+    given = {_override_key(a) for a in argv}
+    saved = [_with_moved_targets(o) for o in yaml.safe_load(saved_file.read_text()) or []]
+    return [*(o for o in saved if _override_key(o) not in given), *argv]
+
+
+def _with_moved_targets(override: str) -> str:
+    """An override saved by an older version (`+callbacks.x={_target_:...}`), with the
+    classes that have moved since named where they are now."""
+    for old, new in MOVED_TARGETS.items():
+        override = override.replace(old, new)
+    return override
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
