@@ -1,5 +1,5 @@
 """The package's layers (docs/architecture.md): imports run only down the table below, there
-are no import circles, models/ is pure PyTorch, and every command's --help answers."""
+are no import circles, models/ is pure PyTorch, and every command answers --help."""
 
 from __future__ import annotations
 
@@ -126,10 +126,12 @@ def test_entry_points_are_thin():
         (["resnet_lightning.report", "--help"], "{summary,params,compare,degradation}"),
         (["resnet_lightning.report", "params", "--help"], "config overrides"),
         (["resnet_lightning.bench", "--help"], "--sections"),
+        # The model zoo's table, a row per model as it is counted.
+        (["resnet_lightning.models"], "| resnet56 | ResNet (CIFAR) | 32 | 853,018 |"),
     ],
     ids=lambda c: " ".join(c) if isinstance(c, list) else None,
 )
-def test_every_command_answers_help(command, expected):
+def test_every_command_answers(command, expected):
     result = subprocess.run(
         [sys.executable, "-m", *command],
         cwd=REPO,

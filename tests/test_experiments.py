@@ -65,32 +65,14 @@ def test_paper_cifar_is_the_papers_iteration_schedule_for_any_depth():
     [
         # name, (lr, momentum, nesterov, weight decay), (milestones, gamma), batch, (epochs, steps)
         ("wrn28_10", "wrn28_10", (0.1, 0.9, True, 5e-4), ([60, 120, 160], 0.2), 128, (200, -1)),
-        (
-            "resnext29_8x64d",
-            "resnext29_8x64d",
-            (0.1, 0.9, False, 5e-4),
-            ([150, 225], 0.1),
-            128,
-            (300, -1),
-        ),
-        (
-            "densenet_bc100",
-            "densenet_bc100",
-            (0.1, 0.9, True, 1e-4),
-            ([150, 225], 0.1),
-            64,
-            (300, -1),
-        ),
-        (
-            "preact_resnet164",
-            "preact_resnet164",
-            (0.1, 0.9, False, 1e-4),
-            ([32000, 48000], 0.1),
-            128,
-            (-1, 64000),
-        ),
+        ("resnext29_8x64d", "resnext29_8x64d", (0.1, 0.9, False, 5e-4), ([150, 225], 0.1), 128,
+         (300, -1)),
+        ("densenet_bc100", "densenet_bc100", (0.1, 0.9, True, 1e-4), ([150, 225], 0.1), 64,
+         (300, -1)),
+        ("preact_resnet164", "preact_resnet164", (0.1, 0.9, False, 1e-4), ([32000, 48000], 0.1),
+         128, (-1, 64000)),
     ],
-)
+)  # fmt: skip
 def test_family_recipes_are_their_papers(experiment, model, optimizer, schedule, batch, length):
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.model.name == model

@@ -114,8 +114,8 @@ class StageGradientNorms(L.Callback):
     `grad_norm/<stage>`, and at the end of training all of them in one log-scale figure
     `grad_norm/stages`. Stages are the network's top-level modules (conv1, layer1..N, fc).
 
-    Plain-56 against ResNet-56 is the seed's vanishing-gradient story: without shortcuts the
-    early stages' gradients are the ones that shrink.
+    Plain-56 against ResNet-56 shows why shortcuts matter: without them the early stages'
+    gradients are the ones that shrink.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:

@@ -145,7 +145,7 @@ class TensorLoader:
         generator.manual_seed(hash((self.seed, self.sampler.epoch, self.rank)) % 2**63)
         # On the CPU a batch is made in the training process between steps, one thread, as
         # DataLoader workers run: its ops are small, and with the cores busy (a loaded or
-        # shared machine) threads that wait for each other make it 4x slower, not faster.
+        # shared machine) threads that wait for each other make it slower, not faster.
         on_cpu = self.images.device.type == "cpu"
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = positions[start : start + self.batch_size]

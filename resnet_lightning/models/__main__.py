@@ -2,4 +2,5 @@
 
 from .complexity import zoo_table
 
-print(zoo_table())
+for line in zoo_table():
+    print(line, flush=True)

@@ -7,6 +7,7 @@ and little time: FlopCounterMode counts conv and matmul FLOPs on meta tensors.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -52,25 +53,25 @@ def _si(n: int) -> str:
     return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def zoo_table() -> str:
-    """Every registered model as a markdown table: family, parameters, MACs, paper."""
-    lines = [
+def zoo_table() -> Iterator[str]:
+    """Every registered model as a markdown table, a line at a time (each row is counted as
+    it comes): family, parameters, MACs, paper."""
+    yield from (
         "Parameters with the natural head: 1000 classes for 224 px (ImageNet) models, 10 for",
         "32 px (CIFAR) ones. MACs (FLOPs / 2) for one image at the natural size with the default",
         "stem, and at 32 px with stem=cifar, as the CIFAR configs build them.",
         "",
         "| name | family | input | params | MACs | MACs @32 px, stem=cifar | reference |",
         "|---|---|---:|---:|---:|---:|---|",
-    ]
+    )
     for name in list_models():
         info = get_model_info(name)
         num_classes = 10 if info.input_size == 32 else 1000
         with torch.device("meta"):
             model = create_model(name, num_classes=num_classes)
             cifar_model = create_model(name, stem="cifar")
-        lines.append(
+        yield (
             f"| {name} | {info.family} | {info.input_size} | {count_parameters(model):,} "
             f"| {_si(count_macs(model, info.input_size))} "
             f"| {_si(count_macs(cifar_model, 32))} | {info.reference} |"
         )
-    return "\n".join(lines)

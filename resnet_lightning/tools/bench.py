@@ -2,10 +2,10 @@
 
 Three measurements; each figure is taken in the same run as the figures it is compared with.
 
-1. pipeline: input images/s of the seed's torchvision/PIL path (DataLoader workers) against
+1. pipeline: input images/s of the torchvision/PIL path (DataLoader workers) against
    the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any.
 2. train: training images/s and peak memory per model, precision and memory format, through
-   the plain loop (plain_loop.py) fed by the tensor path; on a GPU also the seed's recipe
+   the plain loop (plain_loop.py) fed by the tensor path; on a GPU also experiment=seed_resnet50
    (ResNet-50 at 224 px, fp32, PIL pipeline with 2 workers) as the baseline.
 3. overhead: one model, data and batch size through the plain loop and through
    `python -m resnet_lightning` with its default callbacks; the ratio of epoch times.
@@ -66,7 +66,7 @@ MODELS = {
     "resnet50": ModelSpec("resnet50", "imagenet", 224, 8, 256),
     "resnet9": ModelSpec("resnet9", "cifar", 32, 128, 512),
 }
-# The seed's recipe, end to end: its model, precision, pipeline, workers and batch size.
+# experiment=seed_resnet50 end to end: its model, precision, pipeline, workers and batch size.
 SEED = {"model": "resnet50", "stem": "imagenet", "image_size": 224, "workers": 2, "batch": 128}
 
 
@@ -413,6 +413,28 @@ def plain_epochs(
     )
 
 
+# The columns of the pipeline and train tables: title -> key of each JSON row.
+TABLE_COLUMNS = {
+    "pipeline": {
+        "pipeline": "pipeline",
+        "device": "device",
+        "px": "image_size",
+        "workers": "workers",
+        "images/s": "images_per_s",
+    },
+    "train": {
+        "model": "model",
+        "pipeline": "pipeline",
+        "batch": "batch",
+        "device": "device",
+        "precision": "precision",
+        "memory format": "memory_format",
+        "images/s": "images_per_s",
+        "peak MB": "peak_memory_mb",
+    },
+}
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -421,33 +443,10 @@ def markdown(report: dict) -> str:
         + f"; torch {m['torch']}; {report['date']}",
     ]
     rate = {"images/s": "{:,.0f}".format, "peak MB": "{:,}".format}
-    if "pipeline" in report:
-        rows = [
-            {
-                "pipeline": r["pipeline"],
-                "device": r["device"],
-                "px": r["image_size"],
-                "workers": r["workers"],
-                "images/s": r["images_per_s"],
-            }
-            for r in report["pipeline"]
-        ]
-        lines += ["", markdown_table(rows, rate)]
-    if "train" in report:
-        rows = [
-            {
-                "model": r["model"],
-                "pipeline": r["pipeline"],
-                "batch": r["batch"],
-                "device": r["device"],
-                "precision": r["precision"],
-                "memory format": r["memory_format"],
-                "images/s": r["images_per_s"],
-                "peak MB": r["peak_memory_mb"],
-            }
-            for r in report["train"]
-        ]
-        lines += ["", markdown_table(rows, rate)]
+    for section, columns in TABLE_COLUMNS.items():
+        if section in report:
+            rows = [{title: r[key] for title, key in columns.items()} for r in report[section]]
+            lines += ["", markdown_table(rows, rate)]
     if "overhead" in report:
         o = report["overhead"]
         row = {

@@ -1,8 +1,8 @@
-"""The seed's training loop in plain PyTorch, made fair: the baseline the benchmark holds the
-Trainer against (`python -m resnet_lightning.bench`).
+"""A training loop in plain PyTorch, made fair: the baseline the benchmark holds the Trainer
+against (`python -m resnet_lightning.bench`).
 
-The seed's loop read `loss.item()` after every batch, which stalls a GPU each step; here the
-loss and accuracy add up on the device and are read once per epoch, the gradients are freed
+Nothing reads a value back every batch (that would stall a GPU each step): the loss and
+accuracy add up on the device and are read once per epoch, the gradients are freed
 rather than zeroed, batches move with `non_blocking`, and mixed precision is the autocast
 (plus, for float16, the gradient scaler) Lightning uses for the same `precision` string.
 What remains is the work any training loop must do, so the Trainer's extra time is its own.

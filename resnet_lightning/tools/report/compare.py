@@ -1,4 +1,4 @@
-"""The seed's "Performance Comparison" table, measured rather than copied: ResNet-50 against
+"""The "Performance Comparison" table, measured rather than copied: ResNet-50 against
 VGG-16, GoogLeNet, AlexNet and DenseNet-121 as built for ImageNet (224 px, 1000 classes):
 parameters, multiply-accumulates, inference and training images/s on this machine, beside the
 ImageNet top-1/top-5 that torchvision publishes for its weights of each network.
@@ -26,13 +26,7 @@ from resnet_lightning.errors import UsageError
 from resnet_lightning.models import create_model, list_models
 from resnet_lightning.models.complexity import count_macs, count_parameters
 
-from .output import (
-    csv_text,
-    markdown_table,
-    png_bytes,
-    thousands,
-    write_files,
-)
+from .output import thousands, write_report
 
 MODELS = ("resnet50", "vgg16", "googlenet", "alexnet", "densenet121")
 # The torchvision architecture whose published accuracy belongs beside each zoo model: the
@@ -186,28 +180,13 @@ def write_comparison(
         "ImageNet top-1 %": "{:.2f}".format,
         "ImageNet top-5 %": "{:.2f}".format,
     }
-    markdown = "\n".join(
-        [
-            "# ResNet-50 against the networks it was compared to",
-            "",
-            f"Measured with `python -m resnet_lightning.report compare` on: {setup}.",
-            "",
-            "Parameters and MACs (multiply-accumulates of one forward pass, one image) of each",
-            "network as built for ImageNet (1000 classes); inference and training (forward,",
-            "backward, SGD step) images per second on random images; ImageNet accuracy as",
-            "torchvision publishes it for the named weights.",
-            "",
-            markdown_table(rows, formats),
-            "",
-            "![comparison](compare.png)",
-            "",
-        ]
+    text = (
+        f"Measured with `python -m resnet_lightning.report compare` on: {setup}.\n\n"
+        "Parameters and MACs (multiply-accumulates of one forward pass, one image) of each\n"
+        "network as built for ImageNet (1000 classes); inference and training (forward,\n"
+        "backward, SGD step) images per second on random images; ImageNet accuracy as\n"
+        "torchvision publishes it for the named weights."
     )
+    title = "ResNet-50 against the networks it was compared to"
     figure = plot_comparison(rows, setup)
-    return write_files(
-        {
-            out / "compare.md": markdown,
-            out / "compare.csv": csv_text(rows),
-            out / "compare.png": png_bytes(figure),
-        }
-    )
+    return write_report(out, "compare", title, text, rows, formats, figure, "comparison")

@@ -13,13 +13,7 @@ from matplotlib.figure import Figure
 from resnet_lightning.errors import UsageError
 from resnet_lightning.models import get_model_info
 
-from .output import (
-    csv_text,
-    markdown_table,
-    percent,
-    png_bytes,
-    write_files,
-)
+from .output import percent, write_report
 from .runs import Run, find_runs, read_scalars
 
 # The training error is each epoch's mean over the augmented batches, as the paper's thin
@@ -98,24 +92,12 @@ def write_degradation_report(directory: str | Path, out: Path | None = None) -> 
         )
     rows = degradation_rows(runs, curves)
     formats = {k: percent for k in ("train error", "val error", "test error")}
-    markdown = "\n".join(
-        [
-            f"# Plain against residual: {directory}",
-            "",
-            "Final training error (mean of the last epoch, augmented), validation error (last",
-            "evaluation) and test error (best checkpoint) of each job; the figure shows them",
-            "against iterations as He et al. 2015, Figure 6.",
-            "",
-            markdown_table(rows, formats),
-            "",
-            "![training and validation error](degradation.png)",
-            "",
-        ]
+    text = (
+        "Final training error (mean of the last epoch, augmented), validation error (last\n"
+        "evaluation) and test error (best checkpoint) of each job; the figure shows them\n"
+        "against iterations as He et al. 2015, Figure 6."
     )
-    return write_files(
-        {
-            out / "degradation.md": markdown,
-            out / "degradation.csv": csv_text(rows),
-            out / "degradation.png": png_bytes(plot_degradation(runs, curves)),
-        }
-    )
+    title = f"Plain against residual: {directory}"
+    figure = plot_degradation(runs, curves)
+    caption = "training and validation error"
+    return write_report(out, "degradation", title, text, rows, formats, figure, caption)

@@ -1,4 +1,5 @@
-"""Writing a report: a markdown table with its CSV twin, and figures as PNG, each file whole."""
+"""Writing a report: a markdown page with one table, the table's CSV twin and a figure as PNG,
+each file written whole."""
 
 from __future__ import annotations
 
@@ -51,6 +52,34 @@ def png_bytes(figure: Figure, dpi: int = 120) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def write_report(
+    out: Path,
+    stem: str,
+    title: str,
+    text: str,
+    rows: Sequence[Row],
+    formats: dict[str, Callable[[Any], str]],
+    figure: Figure,
+    caption: str,
+    *,
+    notes: str = "",
+    figure_name: str | None = None,
+) -> list[Path]:
+    """`<stem>.md` (the title, `text`, the table of `rows`, `notes` and the figure with its
+    caption), its CSV twin `<stem>.csv`, and the figure as `<figure_name or stem>.png`, in `out`."""
+    png = f"{figure_name or stem}.png"
+    markdown = [f"# {title}", "", text, "", markdown_table(rows, formats), ""]
+    markdown += [notes, ""] if notes else []
+    markdown += [f"![{caption}]({png})", ""]
+    return write_files(
+        {
+            out / f"{stem}.md": "\n".join(markdown),
+            out / f"{stem}.csv": csv_text(rows),
+            out / png: png_bytes(figure),
+        }
+    )
 
 
 def write_files(files: dict[Path, str | bytes]) -> list[Path]:

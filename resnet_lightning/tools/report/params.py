@@ -1,5 +1,5 @@
-"""Parameters per stage and per layer type, from the real model: the seed's "Parameter
-Distribution" figure.
+"""Parameters per stage and per layer type, from the real model: the "Parameter Distribution"
+figure.
 
     python -m resnet_lightning.report params model=resnet56 [more overrides] [--out DIR]
 """
@@ -16,13 +16,7 @@ from resnet_lightning.callbacks.figures import layer_types_by_size, plot_paramet
 from resnet_lightning.models.complexity import parameter_counts
 from resnet_lightning.training.config import compose_config, instantiate_group
 
-from .output import (
-    csv_text,
-    markdown_table,
-    png_bytes,
-    thousands,
-    write_files,
-)
+from .output import thousands, write_report
 
 
 def parameter_rows(counts: dict[str, Counter[str]]) -> list[dict[str, object]]:
@@ -64,24 +58,10 @@ def write_params_report(overrides: list[str], out: Path) -> list[Path]:
     figure = plot_parameter_counts(counts, f"{name}: {total / 1e6:.2f}M parameters")
     stem = f"params_{name}"
     formats = {k: thousands for k in rows[0] if k not in ("stage", "share")}
-    markdown = "\n".join(
-        [
-            f"# Parameters of {name}",
-            "",
-            f"`python -m resnet_lightning.report params {label}`: {total:,} parameters, per",
-            "stage (the network's top-level modules) and per layer type (the module class",
-            "holding them).",
-            "",
-            markdown_table(rows, formats),
-            "",
-            f"![parameters per stage]({stem}.png)",
-            "",
-        ]
+    text = (
+        f"`python -m resnet_lightning.report params {label}`: {total:,} parameters, per\n"
+        "stage (the network's top-level modules) and per layer type (the module class\n"
+        "holding them)."
     )
-    return write_files(
-        {
-            out / f"{stem}.md": markdown,
-            out / f"{stem}.csv": csv_text(rows),
-            out / f"{stem}.png": png_bytes(figure),
-        }
-    )
+    title, caption = f"Parameters of {name}", "parameters per stage"
+    return write_report(out, stem, title, text, rows, formats, figure, caption)

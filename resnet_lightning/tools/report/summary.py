@@ -9,14 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .output import (
-    csv_text,
-    markdown_table,
-    percent,
-    png_bytes,
-    thousands,
-    write_files,
-)
+from .output import percent, thousands, write_report
 from .runs import Run, find_runs, read_scalars, varying_overrides
 
 METRICS = ("test/acc", "test/acc_top5", "val/acc", "params", "wall_time_s")
@@ -86,22 +79,24 @@ def write_summary(directory: str | Path, out: Path | None = None) -> list[Path]:
     rows = summary_rows(runs)
     formats = {**FORMATS, **dict.fromkeys(varying_overrides(runs), short_value)}
     unfinished = [run.name for run in runs if run.metrics is None]
-    markdown = [
-        f"# Sweep summary: {directory}",
-        "",
-        f"{len(runs)} job(s); the overrides that differ between them, then test accuracy of the",
-        "best checkpoint (top-1, top-5), best validation accuracy, parameters and wall time.",
-        "",
-        markdown_table(rows, formats),
-        "",
-    ]
+    text = (
+        f"{len(runs)} job(s); the overrides that differ between them, then test accuracy of the\n"
+        "best checkpoint (top-1, top-5), best validation accuracy, parameters and wall time."
+    )
+    notes = ""
     if unfinished:
-        markdown += [f"No metrics.json (failed or still running): {', '.join(unfinished)}.", ""]
-    markdown += ["![validation accuracy](summary_val_acc.png)", ""]
-    return write_files(
-        {
-            out / "summary.md": "\n".join(markdown),
-            out / "summary.csv": csv_text(rows),
-            out / "summary_val_acc.png": png_bytes(plot_validation_curves(runs)),
-        }
+        notes = f"No metrics.json (failed or still running): {', '.join(unfinished)}."
+    figure = plot_validation_curves(runs)
+    title, caption = f"Sweep summary: {directory}", "validation accuracy"
+    return write_report(
+        out,
+        "summary",
+        title,
+        text,
+        rows,
+        formats,
+        figure,
+        caption,
+        notes=notes,
+        figure_name="summary_val_acc",
     )
