@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from resnet_lightning.models import create_model
 from tests.cli_harness import REPO, TINY, run_cli, run_main, without_callbacks
@@ -185,3 +187,118 @@ def test_missing_sweep_plugin_names_the_install(override, plugin, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert result.returncode == 2
     assert "needs a Hydra plugin that is not installed; pip install -e '.[sweep]'" in line
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory, data_root, cifar_archive) -> Path:
+    """The last.ckpt of a tiny real run, to be tampered with."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    data = [f"data.root={data_root}", f"data.path={cifar_archive}"]
+    run_cli([*FAST, *data, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=REPO)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def write_file_with(marker: Path) -> dict:
+    """What an attacker puts in a saved config: print(..., file=open(marker, 'w'))."""
+    opened = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+    return {"_target_": "builtins.print", "_args_": ["import os"], "file": opened}
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["group", "nested", "list element", "interpolation", "hydra config.yaml"],
+)
+def test_checkpoint_config_cannot_call_arbitrary_targets(
+    where, trained_checkpoint, tmp_path, capfd, monkeypatch
+):
+    from resnet_lightning.tools.evaluate import main as evaluate_main
+
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    config, marker = checkpoint["run_config"], tmp_path / "evil.pth"
+    if where == "group":  # the crafted file of the report: the optimizer writes a file
+        config["optimizer"] = write_file_with(marker)
+        key = "optimizer"
+    elif where == "nested":  # a trusted class whose argument is built from an untrusted one
+        config["optimizer"]["weight_decay"] = write_file_with(marker)
+        key = "optimizer.weight_decay"
+    elif where == "list element":
+        config["trainer"]["plugins"] = [write_file_with(marker)]
+        key = "trainer.plugins[0]"
+    else:  # an interpolation that resolves to the target
+        config["notes"] = "builtins.print"
+        config["optimizer"]["_target_"] = "${notes}"
+        key = "optimizer"
+    ckpt = tmp_path / "crafted.ckpt"
+    if where == "hydra config.yaml":  # a checkpoint without its own config: the run's is read
+        del checkpoint["run_config"]
+        run_dir = tmp_path / "run"
+        (run_dir / ".hydra").mkdir(parents=True)
+        config["optimizer"] = write_file_with(marker)
+        (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        hydra = {"hydra": {"runtime": {"cwd": str(REPO)}}}
+        (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+        (run_dir / "checkpoints").mkdir()
+        ckpt = run_dir / "checkpoints" / "crafted.ckpt"
+        key = "optimizer"
+    torch.save(checkpoint, ckpt)
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([f"ckpt_path={ckpt}", "trainer.limit_test_batches=1"])
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert line.startswith("error: refusing ") and f" at {key}, " in line, line
+    assert "builtins." in line
+    assert not marker.exists()
+
+
+def test_resume_auto_refuses_saved_overrides_that_call_arbitrary_targets(
+    trained_checkpoint, tmp_path, data_overrides, capfd, monkeypatch
+):
+    marker = tmp_path / "evil.pth"
+    run_dir = trained_checkpoint.parent.parent
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    original = saved.read_text()
+    evil = f"+callbacks.evil={{_target_:builtins.open,file:'{marker}',mode:w}}"
+    try:
+        for crafted, expected in (
+            (evil, "its config names _target_ 'builtins.open' at callbacks.evil"),
+            ("hydra.searchpath=[file:///tmp]", "it sets Hydra's own hydra.searchpath"),
+        ):
+            saved.write_text(yaml.safe_dump([*yaml.safe_load(original), crafted]))
+            args = ["resume=auto", f"hydra.run.dir={run_dir}", *data_overrides]
+            code, stderr = run_main(args, capfd, monkeypatch)
+            assert code == 2 and "error: refusing " in stderr and expected in stderr, stderr
+            assert not marker.exists()
+    finally:
+        saved.write_text(original)
+
+
+@pytest.mark.parametrize("holds", ["checkpoints", "nothing"])
+def test_resume_auto_without_saved_overrides_is_refused(holds, tmp_path, capfd, monkeypatch):
+    # Killed before Hydra wrote .hydra/: resuming would silently run the default config.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    if holds == "checkpoints":
+        torch.save({"state_dict": {}}, run_dir / "checkpoints" / "last.ckpt")
+    code, stderr = run_main(["resume=auto", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    expected = (
+        "has checkpoints but no saved config" if holds == "checkpoints" else "no run to resume"
+    )
+    assert code == 2 and stderr.strip().splitlines() == [stderr.strip()], stderr
+    assert stderr.startswith("error: resume=auto: ") and expected in stderr, stderr
+    assert not (run_dir / ".hydra").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_resume_auto_in_a_new_directory_starts_fresh(tmp_path, data_overrides, capfd, monkeypatch):
+    run_dir = tmp_path / "new"
+    args = [
+        *FAST,
+        *data_overrides,
+        "trainer.max_epochs=1",
+        "resume=auto",
+        f"hydra.run.dir={run_dir}",
+    ]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1

@@ -34,7 +34,7 @@ from resnet_lightning.callbacks.checkpoints import (
 )
 from resnet_lightning.data.cifar import IMAGE_SUFFIXES
 from resnet_lightning.errors import CheckpointError, UsageError, one_line_errors
-from resnet_lightning.training.config import instantiate_group, upgrade_saved_config
+from resnet_lightning.training.config import instantiate_group, trusted_saved_config
 from resnet_lightning.training.module import ImageClassifier
 
 # A single process sees every test image once (DDP's sampler pads the last batch with repeats),
@@ -110,7 +110,7 @@ def run_config(checkpoint: dict[str, Any], ckpt_path: Path) -> DictConfig:
     since it was written are renamed."""
     saved = checkpoint.get(RunRecord.CONFIG_KEY)
     if saved is not None:
-        return upgrade_saved_config(OmegaConf.create(saved))
+        return trusted_saved_config(OmegaConf.create(saved), str(ckpt_path))
     run_dir = ckpt_path.resolve().parent.parent
     hydra_dir = run_dir / ".hydra"
     if not (hydra_dir / "config.yaml").is_file():
@@ -122,8 +122,7 @@ def run_config(checkpoint: dict[str, Any], ckpt_path: Path) -> DictConfig:
     # Hydra's runtime values (${hydra:...}) exist only inside a Hydra app: fill in the paths.
     cwd = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.cwd
     cfg.paths.update({"root_dir": cwd, "output_dir": str(run_dir)})
-    OmegaConf.resolve(cfg)
-    return upgrade_saved_config(cfg)
+    return trusted_saved_config(cfg, str(hydra_dir / "config.yaml"))
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

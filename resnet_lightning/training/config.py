@@ -9,15 +9,16 @@ constructor reads (the stopping rule, seed, threads, learning rate) are checked 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from resnet_lightning.errors import (
     InvalidArgument,
@@ -30,6 +31,18 @@ from resnet_lightning.errors import (
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
+# What a config read from a checkpoint or a run directory may instantiate: classes of these
+# packages (constructing an optimizer, a callback or a Trainer writes nothing by itself) and
+# these functions. A function such as builtins.open or torchvision.utils.save_image could
+# write anywhere.
+TRUSTED_PACKAGES = (
+    "resnet_lightning",
+    "torch.optim",
+    "torchvision.transforms",
+    "lightning.pytorch",
+    "torchmetrics",
+)
+TRUSTED_FUNCTIONS = ("resnet_lightning.models.create_model",)
 # `_target_`s that moved when the package took its layered layout, as configs saved in older
 # checkpoints and run directories still name them.
 MOVED_TARGETS = {
@@ -81,23 +94,57 @@ def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise  # a failure inside a constructor: a bug, keep the traceback
 
 
-def upgrade_saved_config(cfg: DictConfig) -> DictConfig:
-    """A config saved by an older version, with moved `_target_`s renamed (in place)."""
-    for node in _dict_nodes(cfg):
-        target = node.get("_target_")
-        if target in MOVED_TARGETS:
-            node["_target_"] = MOVED_TARGETS[target]
+def trusted_saved_config(cfg: DictConfig, source: str) -> DictConfig:
+    """A config read from a file (a checkpoint's, a run directory's), resolved, with moved
+    `_target_`s renamed, and refused unless every `_target_` in it is one a run of this
+    framework can name (`check_targets`): nothing else in such a file is ever called."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise UsageError(f"{source}: its saved config does not resolve ({one_line(err)})") from None
+    for _, node in _dict_nodes(cfg):
+        if node.get("_target_") in MOVED_TARGETS:
+            node["_target_"] = MOVED_TARGETS[node["_target_"]]
+    check_targets(cfg, source)
     return cfg
 
 
-def _dict_nodes(node: Any):
+def check_targets(cfg: DictConfig, source: str) -> None:
+    """Raise UsageError naming the first `_target_` (at any depth, in lists too) that is not
+    a class of a trusted package (TRUSTED_PACKAGES) or one of TRUSTED_FUNCTIONS."""
+    for key, node in _dict_nodes(cfg):
+        target = node.get("_target_")
+        if target is not None and not _is_trusted_target(target):
+            raise UsageError(
+                f"refusing {source}: its config names _target_ {target!r} at {key or 'the top'}, "
+                f"and a saved config may only name classes of {', '.join(TRUSTED_PACKAGES)} or "
+                f"{', '.join(TRUSTED_FUNCTIONS)}; use only checkpoints and runs from a source "
+                "you trust"
+            )
+
+
+def _is_trusted_target(target: object) -> bool:
+    if not isinstance(target, str):
+        return False
+    if target in TRUSTED_FUNCTIONS:
+        return True
+    if not any(target.startswith(f"{package}.") for package in TRUSTED_PACKAGES):
+        return False
+    try:  # a module of a trusted package: importing it runs nothing a run would not
+        return isinstance(get_object(target), type)
+    except Exception:  # not there: instantiating it would fail anyway
+        return False
+
+
+def _dict_nodes(node: Any, key: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """(dotted key, node) of every dict in `node`, itself included, lists entered."""
     if isinstance(node, DictConfig):
-        yield node
-        for value in node.values():
-            yield from _dict_nodes(value)
+        yield key, node
+        for name, value in node.items():
+            yield from _dict_nodes(value, f"{key}.{name}" if key else str(name))
     elif OmegaConf.is_list(node):
-        for value in node:
-            yield from _dict_nodes(value)
+        for i, value in enumerate(node):
+            yield from _dict_nodes(value, f"{key}[{i}]")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -55,11 +55,34 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
     if "resume=auto" not in argv or {"-m", "--multirun"} & set(argv):
         return argv
     run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-    saved_file = Path(run_dirs[-1]) / ".hydra" / "overrides.yaml" if run_dirs else None
-    if saved_file is None or not saved_file.is_file():
-        return argv
+    if not run_dirs or not Path(run_dirs[-1]).exists():
+        return argv  # a new run directory: a fresh run, which resume=auto can continue later
+    run_dir = Path(run_dirs[-1])
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        # Without its overrides the run would silently continue as the defaults.
+        if any((run_dir / "checkpoints").glob("*.ckpt")):
+            raise UsageError(
+                f"resume=auto: {run_dir} has checkpoints but no saved config (.hydra/"
+                "overrides.yaml), so the settings it ran with are unknown; continue it with "
+                f"resume={run_dir / 'checkpoints' / LAST_CHECKPOINT} and its original overrides"
+            )
+        raise UsageError(
+            f"resume=auto: {run_dir} holds no run to resume (no .hydra/overrides.yaml, no "
+            "checkpoints); start a fresh run without resume=auto, or in a new hydra.run.dir"
+        )
+    saved = yaml.safe_load(saved_file.read_text()) or []
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        raise UsageError(f"{saved_file} is not a list of overrides; start a fresh run instead")
+    for override in saved:
+        # Hydra's own settings are never saved there; one could add a config search path.
+        if _override_key(override).startswith("hydra"):
+            raise UsageError(
+                f"refusing {saved_file}: it sets Hydra's own {_override_key(override)}, which "
+                "no run saves; use only run directories from a source you trust"
+            )
     given = {_override_key(a) for a in argv}
-    saved = [_with_moved_targets(o) for o in yaml.safe_load(saved_file.read_text()) or []]
+    saved = [_with_moved_targets(o) for o in saved]
     return [*(o for o in saved if _override_key(o) not in given), *argv]
 
 

@@ -29,7 +29,12 @@ from resnet_lightning.callbacks.checkpoints import (
 from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
 from resnet_lightning.errors import UsageError, one_line_errors
-from resnet_lightning.training.config import CONFIG_DIR, check_config, instantiate_group
+from resnet_lightning.training.config import (
+    CONFIG_DIR,
+    check_config,
+    check_targets,
+    instantiate_group,
+)
 from resnet_lightning.training.launch import hydra_job, process_overrides
 from resnet_lightning.training.resume import resume_checkpoint
 
@@ -52,6 +57,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run as configured; return the metrics written to metrics.json."""
     start = time.perf_counter()
     check_config(cfg)
+    if cfg.get("resume") == "auto":  # the config holds the run directory's saved overrides
+        check_targets(cfg, f"resume=auto of {cfg.paths.output_dir}")
     resume_path = resume_checkpoint(cfg)
     seed = L.seed_everything(cfg.seed, workers=True)
     set_torch_threads(cfg)
