@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from hydra.errors import CompactHydraException, MissingConfigException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 # What torch.load(weights_only=True) says when a file would run code when unpickled.
 UNSAFE_PICKLE = "Weights only load failed"
@@ -115,11 +115,12 @@ def describe_bad_input(err: BaseException) -> str | None:
             )
     if isinstance(err, CompactHydraException):  # a bad override or config composition
         cause = err.__cause__
-        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key:
             reason = str(cause).splitlines()[0]
-            return (
-                f"{cause.full_key} is not an option ({reason}); check its spelling ({LIST_OPTIONS})"
-            )
+            return f"{key} is not an option ({reason}); check its spelling ({LIST_OPTIONS})"
+        if isinstance(cause, OmegaConfBaseException) and key:  # a value of the wrong type
+            return f"{key}: {str(cause).splitlines()[0]} ({LIST_OPTIONS})"
         return f"{one_line(err)}; {LIST_OPTIONS}"
     if isinstance(err, RuntimeError) and str(err).startswith("Unknown plugin class"):
         return (

@@ -54,7 +54,7 @@ if [ ! -e ../shared/data/cifar10-jpeg.tar.gz ]; then
     mkdir -p ../shared/data && ln -s "$CIFAR10_PATH" ../shared/data/cifar10-jpeg.tar.gz
 fi
 
-step decode 90 $PY -c "from resnet_lightning.cifar import load_cifar10
+step decode 90 $PY -c "from resnet_lightning.data import load_cifar10
 a = load_cifar10('data', '$CIFAR10_PATH'); print('train', tuple(a.train_images.shape))"
 
 FAST94=(experiment=fast94 data.root=$REPO/data)

@@ -130,7 +130,7 @@ def test_nan_loss_stops_at_once_naming_the_step(tmp_path, data_overrides, capfd,
     args = [*FAST, *data_overrides, "optimizer.lr=1e10"]
     code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
     line = assert_one_line_error(code, stderr, "the training loss became nan at step", run_dir)
-    assert "lower optimizer.lr (it is 1e+10)" in line
+    assert "lower optimizer.lr (it was 1e+10)" in line
 
 
 @pytest.fixture

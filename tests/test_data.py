@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import stat
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -14,7 +18,7 @@ from torchvision.datasets import CIFAR10
 
 from resnet_lightning.data import CifarDataModule, load_cifar10
 from resnet_lightning.errors import DataError
-from tests.cli_harness import SHARED_CIFAR, make_datamodule, make_image_archive
+from tests.cli_harness import REPO, SHARED_CIFAR, cli_env, make_datamodule, make_image_archive
 
 
 def test_archive_decodes_to_cifar_shapes(data_root, cifar_archive):
@@ -161,3 +165,94 @@ def test_train_augmentation_changes_images_eval_does_not(data_root, cifar_archiv
 def test_wrong_class_count_is_a_clear_error(data_root, cifar_archive):
     with pytest.raises(DataError, match="set data.num_classes=10"):
         CifarDataModule(root=str(data_root), path=str(cifar_archive), num_classes=100).setup()
+
+
+class Zeros(io.RawIOBase):
+    """`size` zero bytes, made as they are read (the test holds no copy)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_archive_that_expands_to_a_gigabyte_is_refused_before_it_is_read(tmp_path):
+    bomb = tmp_path / "bomb.tar.gz"  # about 1 MB on disk
+    with tarfile.open(bomb, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("cifar/train/cat/0000.png")
+        info.size = 2**30
+        tar.addfile(info, Zeros(info.size))
+    # The CLI in a process of its own, reporting its peak memory (VmHWM: of this program
+    # alone, where ru_maxrss would include pytest's, inherited through fork).
+    command = (
+        "import runpy, sys\n"
+        f"sys.argv = ['resnet_lightning', 'data.path={bomb}', 'data.root={tmp_path}/cache',"
+        f" 'hydra.run.dir={tmp_path}/run', 'trainer=cpu']\n"
+        "try:\n"
+        "    runpy.run_module('resnet_lightning', run_name='__main__')\n"
+        "finally:\n"
+        "    status = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+        "    print('peak_kb', status, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", command], cwd=REPO, env=cli_env(), capture_output=True, text=True
+    )
+    *_, error, peak = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert error.startswith("error: ") and "cifar/train/cat/0000.png is 1024 MB" in error
+    assert "data.max_image_mb=64" in error
+    assert int(peak.split()[1]) < 2**20  # KB: under 1 GiB; reading the member took 1.8 GB
+
+
+def test_read_limits_are_configurable(tmp_path):
+    archive = make_image_archive(tmp_path / "small.tar.gz", train_per_class=2, test_per_class=1)
+    tiny = CifarDataModule(root=str(tmp_path / "c1"), path=str(archive), max_total_gb=1e-6)
+    with pytest.raises(DataError, match="images add up to more than data.max_total_gb=1e-06"):
+        tiny.setup()
+    with pytest.raises(DataError, match="more than an image may be"):
+        CifarDataModule(root=str(tmp_path / "c2"), path=str(archive), max_image_mb=1e-4).setup()
+
+
+def test_zip_with_a_forged_size_is_refused_naming_the_member(tmp_path):
+    forged = tmp_path / "forged.zip"
+    with zipfile.ZipFile(forged, "w") as z:
+        z.writestr("train/cat/0.png", b"\x89PNG not really")
+    data = bytearray(forged.read_bytes())
+    central = data.index(b"PK\x01\x02")  # the central directory entry: size at offset 24
+    data[central + 24 : central + 28] = (4 * 10**9).to_bytes(4, "little")
+    forged.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train/cat/0.png is 3814.7\d* MB, more than an image"):
+        load_cifar10(tmp_path / "cache", forged)
+
+
+def test_zip_link_is_refused_as_a_link(tmp_path):
+    linked = tmp_path / "link.zip"
+    with zipfile.ZipFile(linked, "w") as z:
+        info = zipfile.ZipInfo("train/cat/0.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match=r"holds a link \(train/cat/0.png\); links are refused"):
+        load_cifar10(tmp_path / "cache", linked)
+
+
+def test_unreadable_image_in_an_archive_is_named(tmp_path):
+    archive = make_image_archive(tmp_path / "small.tar.gz", train_per_class=2, test_per_class=1)
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(archive) as source, tarfile.open(broken, "w") as target:
+        for member in source:
+            data = source.extractfile(member).read()
+            if member.name.endswith("train/dog/0001.png"):
+                data = data[:20]  # cut short
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path / "cache", broken)
+    assert "cifar/train/dog/0001.png is not a readable image" in str(error.value)
+    assert "BytesIO" not in str(error.value)

@@ -4,6 +4,7 @@ checkpoint save is atomic, and eval rebuilds the model from the run's own config
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -221,3 +223,36 @@ def test_checkpoint_written_before_the_layered_layout_evaluates_and_resumes(
     code, stderr = run_main([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], capfd, monkeypatch)
     assert code == 0, stderr
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epochs"] == 4
+
+
+def test_run_directory_written_before_the_layered_layout_evaluates_and_resumes(
+    finished_run, tmp_path, capfd, monkeypatch
+):
+    run_dir = tmp_path / "old_run"
+    shutil.copytree(finished_run[0], run_dir)
+    # Its config names the classes where they were; its checkpoint carries no config of its own.
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    config["data"]["_target_"] = TARGETS_BEFORE_LAYERS["data"]
+    config["module"]["_target_"] = TARGETS_BEFORE_LAYERS["module"]
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint["run_config"]
+    torch.save(checkpoint, last)
+    # The benchmark used to add its epoch timer by its old name; resume=auto reads it back.
+    timer = (
+        f"{{_target_:{TARGETS_BEFORE_LAYERS['callbacks.epoch_timer']},path:'{tmp_path}/t.json'}}"
+    )
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    overrides.append(f"+callbacks.epoch_timer={timer}")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+    evaluation.main([f"ckpt_path={last}", "trainer.limit_test_batches=2"])
+    reported = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert set(reported) == set(TEST_KEYS)
+
+    args = ["resume=auto", f"hydra.run.dir={run_dir}", "trainer.max_epochs=4"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 4
+    assert len(json.loads((tmp_path / "t.json").read_text())["epoch_s"]) == 1

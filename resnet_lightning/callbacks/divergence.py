@@ -26,18 +26,20 @@ class DivergenceGuard(L.Callback):
     def __init__(self) -> None:
         self._first_nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step = 0  # global step of the batch in flight (its optimizer step not yet counted)
+        self._lr = 0.0  # and the learning rate it was trained with
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_nonfinite = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # Read before the step: schedulers have moved on by the batch's end.
         self._step = trainer.global_step
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None:  # training_step skipped the batch
-            return
-        self._record(loss.detach().float())
+        if loss is not None:  # None: training_step skipped the batch (on this rank only)
+            self._record(loss.detach().float())
         log_every = trainer.log_every_n_steps
         if (
             (log_every > 0 and (self._step + 1) % log_every == 0)
@@ -70,10 +72,9 @@ class DivergenceGuard(L.Callback):
         step, value = (t.item() for t in self._first_nonfinite)  # the second read waits for nothing
         if not trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
             return
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
         where = f"became {value} at step {step}" if step >= 0 else "diverged on another rank"
         raise TrainingDivergedError(
             f"the training loss {where}; training stopped at step {stopped_at} (epoch "
-            f"{trainer.current_epoch}) and wrote no metrics: lower optimizer.lr (it is {lr:g}) or "
-            "clip gradients with trainer.gradient_clip_val=1.0"
+            f"{trainer.current_epoch}) and wrote no metrics: lower optimizer.lr (it was "
+            f"{self._lr:g}) or clip gradients with trainer.gradient_clip_val=1.0"
         )

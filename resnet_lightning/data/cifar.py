@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -30,6 +31,20 @@ TREE_SPLITS = ("train", "test")
 CACHE_VERSION = 2
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what reading a tree or archive may take, checked before a file is read, so
+    that an archive that expands to far more than it holds is refused before memory fills.
+
+    An image file of CIFAR-10 is a few KB and a large photo a few tens of MB: a "file" of more
+    than `max_image_mb` is not an image. `max_total_gb` bounds the whole data set, which is
+    held in memory while it is decoded into the cache.
+    """
+
+    max_image_mb: float = 64
+    max_total_gb: float = 8
+
+
 @dataclass
 class CifarArrays:
     """Images as (N, 32, 32, 3) uint8, HWC like torchvision's CIFAR10.data; labels as int64."""
@@ -41,7 +56,11 @@ class CifarArrays:
     classes: list[str]
 
 
-def load_cifar10(root: str | os.PathLike, path: str | os.PathLike | None = None) -> CifarArrays:
+def load_cifar10(
+    root: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    limits: ReadLimits = ReadLimits(),
+) -> CifarArrays:
     """Return CIFAR-10 from the cache under `root`, building the cache on first use."""
     root = Path(root).expanduser()
     cache = root / f"cifar10-{_source_key(path)}.pt"
@@ -57,7 +76,7 @@ def load_cifar10(root: str | os.PathLike, path: str | os.PathLike | None = None)
         raise DataError(
             f"cannot create data.root={root} ({err}); set data.root to a writable folder"
         ) from None
-    arrays = _read_torchvision(root) if path is None else _read_image_tree(Path(path))
+    arrays = _read_torchvision(root) if path is None else _read_image_tree(Path(path), limits)
     try:  # atomic: a killed run never leaves a half-written cache
         write_atomic(cache, lambda file: torch.save(vars(arrays), file))
     except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as RuntimeError
@@ -105,11 +124,11 @@ def _read_torchvision(root: Path) -> CifarArrays:
     )
 
 
-def _read_image_tree(path: Path) -> CifarArrays:
+def _read_image_tree(path: Path, limits: ReadLimits) -> CifarArrays:
     """Decode every image of a tree or archive, keyed by the split and class folders."""
     images: dict[str, list[tuple[str, str, bytes]]] = {split: [] for split in TREE_SPLITS}
     try:
-        for name, data in _iter_files(path, _is_image):
+        for name, data in _iter_files(path, _is_image, limits):
             parts = PurePosixPath(name).parts
             # The split folder may sit under a top folder (cifar10/train/cat/0001.jpg).
             for i, part in enumerate(parts[:-2]):
@@ -133,7 +152,7 @@ def _read_image_tree(path: Path) -> CifarArrays:
             entries = sorted(images[split], key=lambda e: e[1])
             order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(0))
             entries = [entries[i] for i in order]
-            arrays[f"{split}_images"] = torch.stack([_decode(n, d) for _, n, d in entries])
+            arrays[f"{split}_images"] = torch.stack([_decode(path, n, d) for _, n, d in entries])
             arrays[f"{split}_labels"] = torch.tensor([index[cls] for cls, _, _ in entries])
     except (
         tarfile.TarError,
@@ -149,8 +168,14 @@ def _read_image_tree(path: Path) -> CifarArrays:
     return CifarArrays(**arrays, classes=classes)
 
 
-def _decode(name: str, data: bytes) -> torch.Tensor:
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+def _decode(path: Path, name: str, data: bytes) -> torch.Tensor:
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        reason = str(err).split(" <_io.BytesIO")[0]  # PIL names the buffer, not the file
+        raise DataError(
+            f"{path}: {name} is not a readable image ({reason}); remove or replace that file"
+        ) from None
     if image.size != (32, 32):
         raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32")
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
@@ -160,33 +185,68 @@ def _is_image(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _iter_files(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+def _iter_files(
+    path: Path, wanted: Callable[[str], bool], limits: ReadLimits
+) -> Iterator[tuple[str, bytes]]:
     """(relative posix name, bytes) of every regular file of a folder or an archive whose
-    name is `wanted` (the others are not read)."""
+    name is `wanted` (the others are not read), each within `limits` before it is read."""
+    budget = _Budget(path, limits)
     if path.is_dir():
         for file in sorted(path.rglob("*")):
             if file.is_file() and wanted(name := file.relative_to(path).as_posix()):
+                budget.take(name, file.stat().st_size)
                 yield name, file.read_bytes()
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise _link_refused(path, info.filename)
                 if not info.is_dir() and wanted(name := _safe_name(path, info.filename)):
-                    yield name, archive.read(info)
+                    budget.take(name, info.file_size)
+                    with archive.open(info) as member:  # stops at the size it declared
+                        yield name, member.read(info.file_size)
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as archive:
             for member in archive:
                 if member.issym() or member.islnk():
-                    raise DataError(
-                        f"{path} holds a link ({member.name}); links are refused in data "
-                        "archives, repack it with plain files"
-                    )
+                    raise _link_refused(path, member.name)
                 if member.isfile() and wanted(name := _safe_name(path, member.name)):
+                    budget.take(name, member.size)
                     yield name, archive.extractfile(member).read()
     else:
         raise DataError(
             f"could not read {path}: not a folder, .tar, .tar.gz or .zip (corrupt or incomplete?); "
             "copy it again or point data.path at an image-folder tree"
         )
+
+
+class _Budget:
+    """Counts the bytes a read takes against ReadLimits, refusing a file before it is read."""
+
+    def __init__(self, path: Path, limits: ReadLimits):
+        self.path, self.limits, self.total = path, limits, 0
+
+    def take(self, name: str, size: int) -> None:
+        if size > self.limits.max_image_mb * 2**20:
+            raise DataError(
+                f"{self.path}: {name} is {size / 2**20:g} MB, more than an image may be "
+                f"(data.max_image_mb={self.limits.max_image_mb:g}); remove it, or raise "
+                "data.max_image_mb if it really is an image"
+            )
+        self.total += size
+        if self.total > self.limits.max_total_gb * 2**30:
+            raise DataError(
+                f"{self.path}: its images add up to more than data.max_total_gb="
+                f"{self.limits.max_total_gb:g} (at {name}); raise data.max_total_gb if the data "
+                "set really is that large and fits in memory"
+            )
+
+
+def _link_refused(archive: Path, name: str) -> DataError:
+    return DataError(
+        f"{archive} holds a link ({name}); links are refused in data archives, repack it with "
+        "plain files"
+    )
 
 
 def _safe_name(archive: Path, name: str) -> str:

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from resnet_lightning.errors import DataError, InvalidArgument
 
-from .cifar import CifarArrays, load_cifar10
+from .cifar import CifarArrays, ReadLimits, load_cifar10
 from .sampling import EpochSeededSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
@@ -67,6 +67,8 @@ class CifarDataModule(L.LightningDataModule):
             (the data set as one uint8 tensor on the training device, batches augmented
             whole: resnet_lightning.data.tensor_loader).
         channels_last: "tensor" pipeline: channels-last batches, for channels-last models.
+        max_image_mb, max_total_gb: what reading `path` may take: a file larger than an image
+            may be, or a data set larger than memory, is refused before it is read.
     """
 
     def __init__(
@@ -85,6 +87,8 @@ class CifarDataModule(L.LightningDataModule):
         cutout: int = 0,
         pipeline: str = "torchvision",
         channels_last: bool = False,
+        max_image_mb: float = 64,
+        max_total_gb: float = 8,
     ):
         super().__init__()
         if batch_size <= 0:
@@ -105,7 +109,11 @@ class CifarDataModule(L.LightningDataModule):
             raise InvalidArgument(
                 "cutout", cutout, "must be in 0..31 pixels (0: no cutout), e.g. 8"
             )
+        for name, value in (("max_image_mb", max_image_mb), ("max_total_gb", max_total_gb)):
+            if not value > 0:
+                raise InvalidArgument(name, value, "must be positive")
         self.save_hyperparameters()
+        self.read_limits = ReadLimits(max_image_mb, max_total_gb)
         self.arrays: CifarArrays | None = None
         self._placed: CifarArrays | None = None  # the arrays on the tensor pipeline's device
 
@@ -115,12 +123,12 @@ class CifarDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and decodes into the cache.
-        load_cifar10(self.hparams.root, self._path())
+        load_cifar10(self.hparams.root, self._path(), self.read_limits)
 
     def setup(self, stage: str | None = None) -> None:
         if self.arrays is not None:
             return
-        self.arrays = load_cifar10(self.hparams.root, self._path())
+        self.arrays = load_cifar10(self.hparams.root, self._path(), self.read_limits)
         found = len(self.arrays.classes)
         if found != self.hparams.num_classes:
             raise DataError(

@@ -45,10 +45,10 @@ def cifar_resnet(
 
 
 CIFAR = Family("ResNet (CIFAR)", 32, HE2016)
-PLAIN = Family("Plain (CIFAR)", 32, HE2016)
-PREACT = Family("Pre-act ResNet (CIFAR)", 32, HE2016_PREACT)
-WIDE = Family("Wide ResNet (CIFAR)", 32, ZAGORUYKO2016)
-RESNEXT = Family("ResNeXt (CIFAR)", 32, XIE2017)
+CIFAR_PLAIN = Family("Plain (CIFAR)", 32, HE2016)
+CIFAR_PREACT = Family("Pre-act ResNet (CIFAR)", 32, HE2016_PREACT)
+CIFAR_WIDE = Family("Wide ResNet (CIFAR)", 32, ZAGORUYKO2016)
+CIFAR_RESNEXT = Family("ResNeXt (CIFAR)", 32, XIE2017)
 
 # The paper's nets use the parameter-free option A shortcut (cifar_resnet's default); the
 # plain twins have no shortcuts at all.
@@ -58,23 +58,20 @@ register_variant("resnet44", CIFAR, cifar_resnet, 44)
 register_variant("resnet56", CIFAR, cifar_resnet, 56)
 register_variant("resnet110", CIFAR, cifar_resnet, 110)
 register_variant("resnet1202", CIFAR, cifar_resnet, 1202)
-register_variant("plain20", PLAIN, cifar_resnet, 20, plain=True)
-register_variant("plain32", PLAIN, cifar_resnet, 32, plain=True)
-register_variant("plain44", PLAIN, cifar_resnet, 44, plain=True)
-register_variant("plain56", PLAIN, cifar_resnet, 56, plain=True)
-register_variant("plain110", PLAIN, cifar_resnet, 110, plain=True)
+register_variant("plain20", CIFAR_PLAIN, cifar_resnet, 20, plain=True)
+register_variant("plain32", CIFAR_PLAIN, cifar_resnet, 32, plain=True)
+register_variant("plain44", CIFAR_PLAIN, cifar_resnet, 44, plain=True)
+register_variant("plain56", CIFAR_PLAIN, cifar_resnet, 56, plain=True)
+register_variant("plain110", CIFAR_PLAIN, cifar_resnet, 110, plain=True)
 
 # Identity Mappings uses projection shortcuts where the shape changes.
-register_variant("preact_resnet110", PREACT, cifar_resnet, 110, preact=True, shortcut="B")
-register_variant(
-    "preact_resnet164", PREACT, cifar_resnet, 164, bottleneck=True, preact=True, shortcut="B"
-)
-register_variant(
-    "preact_resnet1001", PREACT, cifar_resnet, 1001, bottleneck=True, preact=True, shortcut="B"
-)
+PREACT_B = {"preact": True, "shortcut": "B"}
+register_variant("preact_resnet110", CIFAR_PREACT, cifar_resnet, 110, **PREACT_B)
+register_variant("preact_resnet164", CIFAR_PREACT, cifar_resnet, 164, bottleneck=True, **PREACT_B)
+register_variant("preact_resnet1001", CIFAR_PREACT, cifar_resnet, 1001, bottleneck=True, **PREACT_B)
 
 
-@register(WIDE)
+@register(CIFAR_WIDE)
 def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs: Any) -> ResNet:
     """WRN-depth-k: pre-activation basic blocks, k times wider, dropout between the convs.
 
@@ -94,13 +91,13 @@ def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs:
 
 
 # Dropout 0.3: the paper's best CIFAR setting.
-register_variant("wrn28_10", WIDE, wrn, 28, 10, dropout=0.3)
+register_variant("wrn28_10", CIFAR_WIDE, wrn, 28, 10, dropout=0.3)
 
 # ResNeXt-29 (C x 64d): three stages of three grouped bottlenecks on a 64-channel stem.
 RESNEXT29 = {"bottleneck": True, "widen_factor": 4, "stem_width": 64, "shortcut": "B"}
 register_variant(
-    "resnext29_8x64d", RESNEXT, cifar_resnet, 29, groups=8, width_per_group=64, **RESNEXT29
+    "resnext29_8x64d", CIFAR_RESNEXT, cifar_resnet, 29, groups=8, width_per_group=64, **RESNEXT29
 )
 register_variant(
-    "resnext29_16x64d", RESNEXT, cifar_resnet, 29, groups=16, width_per_group=64, **RESNEXT29
+    "resnext29_16x64d", CIFAR_RESNEXT, cifar_resnet, 29, groups=16, width_per_group=64, **RESNEXT29
 )

@@ -18,6 +18,9 @@ class Family:
     name: str
     input_size: int  # natural input resolution in pixels: 32 (CIFAR) or 224 (ImageNet)
     reference: str
+    # The variants are torchvision's architectures of the same names, parameter for parameter,
+    # so its ImageNet weights fit them as they are.
+    torchvision_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -30,28 +33,9 @@ class ModelInfo:
     input_size: int
     reference: str
     classifier: str = "fc"  # attribute holding the head, replaced for new class counts
-
-    @property
-    def torchvision_weights(self) -> bool:
-        """Whether torchvision's ImageNet weights of the same name fit this model as built."""
-        return self.name in TORCHVISION_WEIGHTS
+    torchvision_weights: bool = False  # torchvision's ImageNet weights for `name` fit as-is
 
 
-# The zoo's models that are torchvision's architectures, parameter for parameter (others of
-# the same name differ: the zoo's vgg16 has BatchNorm, googlenet no auxiliary heads).
-TORCHVISION_WEIGHTS = frozenset(
-    {
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "resnet101",
-        "resnet152",
-        "resnext50_32x4d",
-        "resnext101_32x8d",
-        "wide_resnet50_2",
-        "wide_resnet101_2",
-    }
-)
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
@@ -69,7 +53,13 @@ def register(
         if key in _REGISTRY:
             raise ValueError(f"model '{key}' is registered twice")
         _REGISTRY[key] = ModelInfo(
-            key, builder, family.name, family.input_size, family.reference, classifier
+            key,
+            builder,
+            family.name,
+            family.input_size,
+            family.reference,
+            classifier,
+            family.torchvision_weights,
         )
         return builder
 
@@ -89,10 +79,10 @@ def register_variant(
 
 def list_models() -> list[str]:
     """Registered names in natural order (resnet18 before resnet101)."""
-    return sorted(_REGISTRY, key=natural_key)
+    return sorted(_REGISTRY, key=_natural_key)
 
 
-def natural_key(name: str) -> list[int | str]:
+def _natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 

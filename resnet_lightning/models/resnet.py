@@ -29,11 +29,12 @@ HE2016_PREACT = "He et al. 2016, Identity Mappings in Deep ResNets (arXiv:1603.0
 XIE2017 = "Xie et al. 2017, ResNeXt (arXiv:1611.05431)"
 ZAGORUYKO2016 = "Zagoruyko & Komodakis 2016, Wide ResNets (arXiv:1605.07146)"
 HE2019 = "He et al. 2019, Bag of Tricks, ResNet-D (arXiv:1812.01187)"
-RESNET = Family("ResNet", 224, HE2016)
+RESNET = Family("ResNet", 224, HE2016, torchvision_weights=True)
+RESNET_V1 = Family("ResNet", 224, HE2016)  # not torchvision's v1.5: its weights do not fit
 RESNET_D = Family("ResNet-D", 224, HE2019)
 PREACT = Family("Pre-act ResNet", 224, HE2016_PREACT)
-RESNEXT = Family("ResNeXt", 224, XIE2017)
-WIDE = Family("Wide ResNet", 224, ZAGORUYKO2016)
+RESNEXT = Family("ResNeXt", 224, XIE2017, torchvision_weights=True)
+WIDE = Family("Wide ResNet", 224, ZAGORUYKO2016, torchvision_weights=True)
 
 STEMS = ("imagenet", "cifar", "deep")
 
@@ -416,7 +417,7 @@ register_variant("resnet50", RESNET, imagenet_resnet, 50)
 register_variant("resnet101", RESNET, imagenet_resnet, 101)
 register_variant("resnet152", RESNET, imagenet_resnet, 152)
 # torchvision's resnet50 is v1.5; the paper's v1 strides in the first 1x1 conv.
-register_variant("resnet50_v1", RESNET, imagenet_resnet, 50, stride_in_1x1=True)
+register_variant("resnet50_v1", RESNET_V1, imagenet_resnet, 50, stride_in_1x1=True)
 register_variant("resnet50d", RESNET_D, imagenet_resnet, 50, stem="deep", avg_down=True)
 
 register_variant("preact_resnet18", PREACT, imagenet_resnet, 18, preact=True)
