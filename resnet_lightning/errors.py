@@ -9,6 +9,7 @@ their message text.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -20,6 +21,9 @@ from hydra.errors import CompactHydraException, MissingConfigException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+# The errors of a file system that a user fixes (free space, permissions), not a bug.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 # What torch.load(weights_only=True) says when a file would run code when unpickled.
 UNSAFE_PICKLE = "Weights only load failed"
 # Configs of the optional Hydra plugins, by the pyproject extra that installs each.
@@ -130,6 +134,17 @@ def describe_bad_input(err: BaseException) -> str | None:
         )
     if isinstance(err, MisconfigurationException):  # Lightning rejecting Trainer arguments
         return f"trainer: {one_line(err)}"
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        where = f": could not write {err.filename}" if err.filename else ""
+        return (
+            f"the disk is full{where} ({err.strerror}); free space there, or point "
+            "hydra.run.dir (and data.root) at another disk"
+        )
+    if isinstance(err, OSError) and err.errno in NOT_WRITABLE and err.filename:
+        return (
+            f"cannot write {err.filename} ({err.strerror}); make it writable, or point "
+            "hydra.run.dir (and data.root) at a writable folder"
+        )
     return None
 
 

@@ -4,6 +4,7 @@ process (no interpreter start-up); one case runs as a real subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -133,16 +134,72 @@ def test_nan_loss_stops_at_once_naming_the_step(tmp_path, data_overrides, capfd,
     assert "lower optimizer.lr (it was 1e+10)" in line
 
 
+def mounted_tmpfs(folder: Path, options: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    if sys.platform != "linux" or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs")
+    return folder
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 1 MB tmpfs: a ResNet-20 checkpoint (2 MB) does not fit."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
-    if sys.platform != "linux" or subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs")
+    disk = mounted_tmpfs(tmp_path / "disk", "size=1m")
     yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # a log file may stay open
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A read-only file system: even root cannot write there (unlike a chmod'ed folder)."""
+    disk = mounted_tmpfs(tmp_path / "read_only", "ro,size=1m")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # a log file may stay open
+
+
+def test_disk_full_at_start_is_one_line_and_leaves_nothing(full_disk, capfd, monkeypatch):
+    (full_disk / "fill").write_bytes(bytes(2**20 - 4096))  # as full as it gets
+    with open(full_disk / "fill", "ab") as fill, contextlib.suppress(OSError):
+        fill.write(bytes(2**20))
+    run_dir = full_disk / "run"
+    code, stderr = run_main(["trainer=cpu", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith("error: the disk is full")
+    assert "Traceback" not in stderr, stderr
+    assert not run_dir.exists()  # no empty config.yaml or train.log left behind
+
+
+def test_read_only_run_directory_is_one_line(read_only_disk, capfd, monkeypatch):
+    run_dir = read_only_disk / "run"
+    code, stderr = run_main(["trainer=cpu", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {run_dir} (Read-only file system); make it writable, or point "
+        "hydra.run.dir (and data.root) at a writable folder"
+    )
+
+
+def test_read_only_checkpoint_folder_is_one_line(
+    read_only_disk, tmp_path, data_overrides, capfd, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
+    args.append(f"callbacks.model_checkpoint.dirpath={read_only_disk}")
+    code, stderr = run_main(args, capfd, monkeypatch)
+    line = assert_one_line_error(code, stderr, "cannot write (Read-only file system)", run_dir)
+    assert f"checkpoint {read_only_disk}/" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a torch file"])
+def test_bad_pretrained_file_is_one_line(damage, tmp_path, data_overrides, capfd, monkeypatch):
+    weights = tmp_path / "weights.pth"
+    torch.save(create_model("resnet20").state_dict(), weights)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"hello" * 100)
+    run_dir = tmp_path / "run"
+    args = [*FAST, *data_overrides, f"model.pretrained={weights}", f"hydra.run.dir={run_dir}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert_one_line_error(code, stderr, f"model: weights file {weights} is corrupt", run_dir)
 
 
 def test_full_disk_while_writing_a_checkpoint(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import yaml
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.cli_harness import REPO, TINY, compose_config, run_cli, without_callbacks
+from tests.cli_harness import REPO, TINY, cli_env, compose_config, run_cli, without_callbacks
 
 METRIC_KEYS = {"test/acc", "test/acc_top5", "test/loss", "val/acc", "epochs", "wall_time_s"}
 
@@ -148,3 +151,48 @@ def test_onecycle_is_sized_from_the_real_step_count(tmp_path, data_overrides):
     )
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["lr_schedulers"][0]["total_steps"] == 6  # 2 epochs x 3 batches
+
+
+def test_runs_started_at_once_never_share_a_directory(tmp_path, data_overrides):
+    # Each names its directory as conf/hydra/default.yaml does, by a time stamp that is the
+    # same for all of them here: they start in the same second.
+    quick = [*TINY, *without_callbacks("model_checkpoint", "last_checkpoint"), "model=resnet20"]
+    quick += ["trainer.max_epochs=1", "trainer.limit_train_batches=1", *data_overrides]
+    runs = [
+        [*quick, f"seed={i}", f"hydra.run.dir=${{unique_dir:{tmp_path}/run}}"] for i in (1, 2, 3)
+    ]
+    sweeps = [
+        ["-m", *quick, "seed=1,2", f"hydra.sweep.dir=${{unique_dir:{tmp_path}/sweep}}"]
+        for _ in (1, 2)
+    ]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "resnet_lightning", *args],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in [*runs, *sweeps]
+    ]
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()
+
+    run_dirs = sorted(p.name for p in tmp_path.glob("run*"))
+    assert run_dirs == ["run", "run-1", "run-2"]
+    seeds = set()
+    for name in run_dirs:
+        overrides = yaml.safe_load((tmp_path / name / ".hydra" / "overrides.yaml").read_text())
+        seeds |= {o for o in overrides if o.startswith("seed=")}
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert Path(metrics["best_checkpoint"]).parent == tmp_path / name / "checkpoints"
+        assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir()) == [
+            "epoch000.ckpt",
+            "last.ckpt",
+        ]
+    assert seeds == {"seed=1", "seed=2", "seed=3"}  # each run wrote its own directory
+    assert sorted(p.name for p in tmp_path.glob("sweep*")) == ["sweep", "sweep-1"]
+    for sweep in tmp_path.glob("sweep*"):
+        assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+        assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import errno
 import pickle
 import zipfile
 from pathlib import Path
@@ -23,7 +22,13 @@ from lightning.fabric.utilities.types import _PATH
 from torch import nn
 
 from resnet_lightning.atomic_files import write_atomic
-from resnet_lightning.errors import CheckpointError, is_unsafe_pickle, unsafe_file_message
+from resnet_lightning.errors import (
+    DISK_FULL,
+    NOT_WRITABLE,
+    CheckpointError,
+    is_unsafe_pickle,
+    unsafe_file_message,
+)
 
 # Suffix of the temporary files a save writes; one left behind is a save that was killed.
 PARTIAL_SUFFIX = ".partial"
@@ -49,28 +54,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as err:
             # torch's zip writer reports the OSError of a full disk as a RuntimeError.
             cause = err if isinstance(err, OSError) else err.__context__
-            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CheckpointError(
-                    f"the disk is full: could not write checkpoint {path} (nothing partial was "
-                    "left); free space there or point callbacks.model_checkpoint.dirpath and "
-                    "callbacks.last_checkpoint.dirpath at another disk, then continue with "
-                    "resume=auto"
-                ) from err
-            raise
+            if not isinstance(cause, OSError) or cause.errno not in DISK_FULL + NOT_WRITABLE:
+                raise
+            problem = (
+                "the disk is full: could not write"
+                if cause.errno in DISK_FULL
+                else (f"cannot write ({cause.strerror})")
+            )
+            raise CheckpointError(
+                f"{problem} checkpoint {path} (nothing partial was left); free space or make "
+                "it writable there, or point callbacks.model_checkpoint.dirpath and "
+                "callbacks.last_checkpoint.dirpath at another folder, then continue with "
+                "resume=auto"
+            ) from err
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
-        return load_checkpoint_file(path, map_location)
+        # Not only checkpoints: the ddp_spawn launcher hands rank 0's bare state dict back
+        # through this plugin.
+        return read_checkpoint(path, map_location)
 
 
 def load_checkpoint_file(
     path: _PATH, map_location: Any = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
-    """Load a checkpoint without executing code from it (`weights_only=True`); with `mmap`,
-    tensors are read from disk only when touched."""
+    """A Lightning checkpoint (`read_checkpoint`), refused with one line if it is not one."""
+    checkpoint = read_checkpoint(path, map_location, mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt file written "
+            "by a run of this framework"
+        )
+    return checkpoint
+
+
+def read_checkpoint(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """Load a file saved by torch.save without executing code from it (`weights_only=True`);
+    with `mmap`, tensors are read from disk only when touched."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
@@ -84,11 +107,6 @@ def load_checkpoint_file(
         raise CheckpointError(unsafe_file_message(str(path), err)) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
         raise _corrupt(path, err) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt file written "
-            "by a run of this framework"
-        )
     return checkpoint
 
 

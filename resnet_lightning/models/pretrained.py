@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,17 @@ from .registry import ModelInfo
 def read_state_dict(info: ModelInfo, source: str) -> dict[str, Tensor]:
     """`source` is a torchvision weights tag (IMAGENET1K_V1, ...) or a path to a state dict."""
     if os.path.isfile(source) or source.endswith((".pth", ".pt")):
-        return torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" in str(err):
+                raise  # a file that would run code: the caller says so
+            raise ValueError(f"weights file {source} is corrupt ({_first_sentence(err)})") from None
+        except (RuntimeError, EOFError, KeyError, ValueError) as err:  # truncated or foreign
+            raise ValueError(
+                f"weights file {source} is corrupt or incomplete ({_first_sentence(err)}); copy "
+                "it again, or re-save the weights with torch.save(model.state_dict())"
+            ) from None
     if not info.torchvision_weights:
         raise ValueError(
             f"torchvision has no weights that fit {info.name}; pass a path to a state dict"
@@ -72,3 +83,7 @@ def load_pretrained(model: nn.Module, info: ModelInfo, source: str) -> None:
             "build it with the arguments the weights were trained with (stem=imagenet for "
             "torchvision's)"
         )
+
+
+def _first_sentence(err: BaseException) -> str:
+    return str(err).split(". ")[0].strip() or type(err).__name__

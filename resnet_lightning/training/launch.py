@@ -11,18 +11,24 @@ file, rank 0 writes the run's outputs.
 After a job, no distributed state is left behind: the next job of a multirun would otherwise
 find LOCAL_RANK set (Lightning then assumes an external launcher and starts no ranks) and the
 old process group still initialized.
+
+Run and sweep directories are named by the second they start; `unique_dir` creates each one
+exclusively, so that runs started in the same second never share one.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from resnet_lightning.training.resume import with_saved_overrides
 
@@ -32,6 +38,33 @@ JOB_ARGV_ENV = "RESNET_LIGHTNING_JOB_ARGV"
 QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+# The directories `unique_dir` created in this process, newest last.
+CREATED_DIRS: list[Path] = []
+
+
+def unique_dir(path: str) -> str:
+    """`path`, else `path-1`, `path-2`, ...: the first that did not exist, created here.
+
+    `os.mkdir` fails when the folder exists, so of two runs that start in the same second (and
+    resolve the same name) each gets its own. Hydra resolves it once per run and once per sweep
+    (its jobs share the sweep's resolver cache); the DDP ranks of a run are given its directory.
+    """
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        CREATED_DIRS.append(candidate)
+        return str(candidate)
+    raise AssertionError("unreachable")
+
+
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+
+
 def process_overrides(argv: list[str]) -> list[str]:
     """The overrides this process runs with, given those on its command line."""
     job_argv = os.environ.get(JOB_ARGV_ENV)
@@ -39,6 +72,22 @@ def process_overrides(argv: list[str]) -> list[str]:
         return json.loads(job_argv)  # a rank started by Lightning: its parent's job alone
     argv = with_saved_overrides(argv)
     return [*argv, *QUIET_RANK_OVERRIDES] if launched_rank() > 0 else argv
+
+
+def remove_half_written_run(argv: list[str]) -> None:
+    """After the disk filled or refused a write while Hydra set a run up: remove the empty
+    files it left (`.hydra/*.yaml`, `train.log`), and the run directory if nothing else is
+    in it, so that no half-written run remains."""
+    given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    run_dir = Path(given[-1]) if given else (CREATED_DIRS[-1] if CREATED_DIRS else None)
+    if run_dir is None or not run_dir.is_dir():
+        return
+    for file in [*run_dir.glob(".hydra/*"), run_dir / "train.log"]:
+        if file.is_file() and file.stat().st_size == 0:
+            file.unlink()
+    for folder in (run_dir / ".hydra", run_dir):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def launched_rank() -> int:

@@ -28,14 +28,14 @@ from resnet_lightning.callbacks.checkpoints import (
 )
 from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
-from resnet_lightning.errors import UsageError, one_line_errors
+from resnet_lightning.errors import DISK_FULL, NOT_WRITABLE, UsageError, one_line_errors
 from resnet_lightning.training.config import (
     CONFIG_DIR,
     check_config,
     check_targets,
     instantiate_group,
 )
-from resnet_lightning.training.launch import hydra_job, process_overrides
+from resnet_lightning.training.launch import hydra_job, process_overrides, remove_half_written_run
 from resnet_lightning.training.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -196,5 +196,10 @@ def run(cfg: DictConfig) -> float:
 def main() -> None:
     """`python -m resnet_lightning [overrides]`; bad input ends it with one line and exit 2."""
     with one_line_errors():
-        sys.argv[1:] = process_overrides(sys.argv[1:])
-        run()
+        sys.argv[1:] = argv = process_overrides(sys.argv[1:])
+        try:
+            run()
+        except OSError as err:
+            if err.errno in DISK_FULL + NOT_WRITABLE:  # Hydra could not write the run's files
+                remove_half_written_run(argv)
+            raise
