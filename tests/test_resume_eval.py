@@ -4,6 +4,7 @@ checkpoint save is atomic, and eval rebuilds the model from the run's own config
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_lightning.callbacks.checkpoints import PARTIAL_SUFFIX, remove_partial_checkpoints
+from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.data import load_cifar10
 from resnet_lightning.tools import evaluate as evaluation
 from tests.cli_harness import CLASSES, REPO, TINY, cli_env, run_cli, run_main, without_callbacks
@@ -256,3 +258,45 @@ def test_run_directory_written_before_the_layered_layout_evaluates_and_resumes(
     assert code == 0, stderr
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 4
     assert len(json.loads((tmp_path / "t.json").read_text())["epoch_s"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "signum"),
+    [("torchvision", signal.SIGTERM), ("tensor", signal.SIGUSR1), ("tensor", signal.SIGINT)],
+    ids=["torchvision-SIGTERM", "tensor-SIGUSR1", "tensor-SIGINT"],
+)
+def test_signal_mid_epoch_checkpoints_and_resumes_to_the_uninterrupted_result(
+    pipeline, signum, tmp_path, data_overrides, capfd, monkeypatch
+):
+    # Five batches an epoch; the signal arrives while the third batch of epoch 1 trains.
+    args = [a for a in RUN if not a.startswith("trainer.limit_train_batches=")]
+    args += ["trainer.limit_train_batches=5", f"data.pipeline={pipeline}", *data_overrides]
+    reference, run_dir = tmp_path / "uninterrupted", tmp_path / "run"
+    code, stderr = run_main([*args, f"hydra.run.dir={reference}"], capfd, monkeypatch)
+    assert code == 0, stderr
+
+    start_batch = DivergenceGuard.on_train_batch_start
+
+    def signal_at_step_7(self, trainer, *hook_args):
+        start_batch(self, trainer, *hook_args)
+        if trainer.global_step == 7:
+            os.kill(os.getpid(), signum)  # a real signal, as `kill` or SLURM send it
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DivergenceGuard, "on_train_batch_start", signal_at_step_7)
+        code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert code == 128 + signum, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: stopped by {signal.Signals(signum).name} at step 8 (epoch 1); saved {last}; "
+        f"continue with: python -m resnet_lightning resume=auto hydra.run.dir={run_dir}"
+    )
+    assert not (run_dir / "metrics.json").exists()
+    progress = torch.load(last, weights_only=True)["loops"]["fit_loop"]
+    assert progress["epoch_loop.batch_progress"]["current"]["completed"] == 3  # mid-epoch
+
+    code, stderr = run_main(["resume=auto", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert code == 0, stderr
+    assert read_metrics(run_dir) == read_metrics(reference)
+    final, expected = weights(last), weights(reference / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)

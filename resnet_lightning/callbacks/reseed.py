@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -10,18 +11,22 @@ import torch
 
 
 class ReseedEachEpoch(L.Callback):
-    """Seeds torch, numpy and random from (seed, epoch, rank) as each training epoch starts.
+    """Seeds torch, numpy and random from (seed, epoch, rank) as each training epoch starts,
+    and carries their states in checkpoints for a resume part-way through an epoch.
 
     Lightning restores weights, optimizer, scheduler and loop counters on resume, but no
     random-number state. With this (and the data's epoch-seeded shuffling) each epoch's
-    randomness is a function of (seed, epoch) alone. Random crops and flips in the main
-    process (`data.num_workers=0`) then repeat exactly after a resume; worker processes are
-    seeded from the loader's own generator, so with workers the batches hold the same images
-    after a resume but their augmentation differs.
+    randomness is a function of (seed, epoch) alone. A run resumed from a mid-epoch checkpoint
+    (a signal, `every_n_train_steps`) starts no new epoch: it continues from the generators'
+    states saved in the checkpoint. Random crops and flips in the main process
+    (`data.num_workers=0`) then repeat exactly after a resume; worker processes are seeded from
+    the loader's own generator, so with workers the batches hold the same images after a
+    resume but their augmentation differs.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
+        self._restored: dict[str, Any] | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         entropy = [self.seed, trainer.current_epoch, trainer.global_rank]
@@ -29,3 +34,36 @@ class ReseedEachEpoch(L.Callback):
         torch.manual_seed(state)
         np.random.seed(state)
         random.seed(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+        state = {
+            "torch": torch.get_rng_state(),
+            # Tensors and plain numbers: checkpoints are loaded with weights_only=True.
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "random": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume part-way through an epoch calls no on_train_epoch_start for it; one from an
+        # epoch's end starts the next epoch, which reseeds over this.
+        if self._restored is None:
+            return
+        state, self._restored = self._restored, None
+        torch.set_rng_state(state["torch"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate(_as_tuples(state["random"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.getstate()'s nested tuples, which a checkpoint may give back as lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import CifarArrays, ReadLimits, load_cifar10
-from .sampling import EpochSeededSampler, run_seed
+from .sampling import ResumableDataLoader, ResumableSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
 PIPELINES = ("torchvision", "tensor")
@@ -221,14 +221,17 @@ class CifarDataModule(L.LightningDataModule):
             return self.tensor_loader(split, device, trainer.global_rank, trainer.world_size)
         workers = self.hparams.num_workers
         dataset, seed = self._dataset(split), run_seed()
-        return DataLoader(
+        train, trainer = split == "train", self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        # Shuffled by (seed, epoch) so that a resumed run sees the same batches, and resumable
+        # part-way through an epoch; the loader's own generator keeps its draws off the global
+        # RNG.
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.hparams.batch_size,
-            # Shuffled by (seed, epoch) so that a resumed run sees the same batches; the
-            # loader's own generator keeps its draws off the global RNG.
-            sampler=EpochSeededSampler(dataset, seed) if split == "train" else None,
+            sampler=ResumableSampler(dataset, seed, rank, world_size) if train else None,
             generator=torch.Generator().manual_seed(seed),
-            drop_last=split == "train",
+            drop_last=train,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,

@@ -1,30 +1,86 @@
-"""Shuffling that depends on (seed, epoch) alone, so a resumed run draws what an uninterrupted
-one would have drawn."""
+"""Shuffling that depends on (seed, epoch) alone, and epochs that can resume part-way, so that
+a resumed run draws what an uninterrupted one would have drawn."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
+from typing import Any
 
-import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochSeededSampler(RandomSampler):
-    """A RandomSampler whose order depends only on (seed, epoch), as DistributedSampler's does.
+class ResumableSampler(DistributedSampler):
+    """This rank's shard of a permutation drawn from (seed, epoch), as DistributedSampler's
+    (on one process, the whole permutation), that can start an epoch where a run left off.
 
-    RandomSampler draws its order from the global RNG's history, which a resumed run does not
-    share. Lightning calls `set_epoch` at each epoch start, and under DDP swaps this sampler for
-    its DistributedSampler (also seeded by the run's seed and the epoch).
+    `state_dict()` says how far the current epoch got (the indices handed out so far);
+    `load_state_dict()` makes the next iteration of that epoch skip them. Lightning keeps a
+    DistributedSampler it is given, so DDP runs shard with this one too.
     """
 
-    def __init__(self, data_source: Sized, seed: int):
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
+    def __init__(
+        self,
+        data_source: Sized,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
+        super().__init__(
+            data_source, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+        )
+        self.start = 0  # indices skipped at the start of the current epoch (a resume)
+        self.seen = 0  # indices handed out in the current epoch, the skipped ones included
+        self._resume: tuple[int, int] | None = None  # (epoch, indices to skip)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        self.start = 0
+        if self._resume is not None and self._resume[0] <= self.epoch:
+            epoch, skip = self._resume
+            self._resume = None
+            self.start = skip if epoch == self.epoch else 0
+        self.seen = self.start
+        for index in indices[self.start :]:
+            self.seen += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = (int(state["epoch"]), int(state["seen"]))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can resume part-way through an epoch: it saves
+    `state_dict()` in a mid-epoch checkpoint and hands it back on resume, and the sampler
+    (a ResumableSampler) then skips the batches already trained on.
+
+    The position is counted in batches handed to training, not in the sampler's indices,
+    which worker processes fetch ahead.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        self._given = None
+        for n, batch in enumerate(batches, start=1):
+            # The sampler has started this epoch (and knows its resumed start) by now.
+            self._given = getattr(self.sampler, "start", 0) + n * self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ResumableSampler):
+            return {}
+        given = getattr(self, "_given", None)
+        return {"epoch": self.sampler.epoch, "seen": self.sampler.seen if given is None else given}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state)
 
 
 def run_seed() -> int:

@@ -12,13 +12,16 @@ the epoch, and takes its own slice of it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+
+from .sampling import ResumableSampler
 
 
 @contextmanager
@@ -121,9 +124,7 @@ class TensorLoader:
         # Lightning calls loader.sampler.set_epoch(epoch) as it does for DataLoaders, and reads
         # batch_sampler (to check evaluation shuffling); batches are cut from the sampler's
         # order directly.
-        self.sampler = DistributedSampler(
-            self.index, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
-        )
+        self.sampler = ResumableSampler(self.index, seed, rank, world_size, shuffle=shuffle)
         self.batch_sampler = None
         device = images.device
         mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -138,21 +139,32 @@ class TensorLoader:
         return -(-samples // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        positions = self.index[torch.tensor(list(self.sampler), dtype=torch.long)]
-        positions = positions.to(self.images.device)
+        order = iter(self.sampler)  # resumes part-way when a restored state says so
         generator = torch.Generator(self.images.device)
-        # Distinct per epoch and rank, reproducible from the seed (int hashes are not salted).
-        generator.manual_seed(hash((self.seed, self.sampler.epoch, self.rank)) % 2**63)
         # On the CPU a batch is made in the training process between steps, one thread, as
         # DataLoader workers run: its ops are small, and with the cores busy (a loaded or
         # shared machine) threads that wait for each other make it slower, not faster.
         on_cpu = self.images.device.type == "cpu"
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            batch = positions[start : start + self.batch_size]
+        for _ in range(len(self)):
+            chunk = list(itertools.islice(order, self.batch_size))
+            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
+                return
+            number = (self.sampler.seen - 1) // self.batch_size  # of this batch in its epoch
+            # Distinct per epoch, batch and rank, reproducible from the seed alone (int hashes
+            # are not salted), so that a resumed epoch draws what it would have drawn.
+            generator.manual_seed(hash((self.seed, self.sampler.epoch, number, self.rank)) % 2**63)
+            batch = self.index[torch.tensor(chunk, dtype=torch.long)].to(self.images.device)
             with intra_op_threads(1) if on_cpu else nullcontext():
                 # index_select copies whole images; `images[batch]` goes element by element.
                 images = self.transform(self.images.index_select(0, batch), generator)
             yield images, self.labels.index_select(0, batch)
+
+    def state_dict(self) -> dict[str, int]:
+        """How far the current epoch got: Lightning saves it in mid-epoch checkpoints."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
 
     def transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """uint8 (B, H, W, C) -> float32 (B, C, S, S), normalised and augmented."""

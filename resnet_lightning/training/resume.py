@@ -30,10 +30,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if resume is None:
         return None
     if resume == "auto":
-        folder = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
-        folder = Path(folder or Path(cfg.paths.output_dir) / "checkpoints")
-        remove_partial_checkpoints(folder)
-        last = folder / LAST_CHECKPOINT
+        last = last_checkpoint_path(cfg)
+        remove_partial_checkpoints(last.parent)
         if not last.is_file():
             log.info("resume=auto: no %s yet, starting a fresh run", last)
             return None
@@ -46,6 +44,12 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             "with hydra.run.dir=<the run's directory>"
         )
     return str(path)
+
+
+def last_checkpoint_path(cfg: DictConfig) -> Path:
+    """Where the run's last.ckpt is written, and where resume=auto looks for it."""
+    folder = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
+    return Path(folder or Path(cfg.paths.output_dir) / "checkpoints") / LAST_CHECKPOINT
 
 
 def with_saved_overrides(argv: list[str]) -> list[str]:

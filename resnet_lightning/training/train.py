@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from resnet_lightning.callbacks.checkpoints import (
     load_checkpoint_file,
 )
 from resnet_lightning.callbacks.divergence import DivergenceGuard
+from resnet_lightning.callbacks.preemption import CheckpointOnSignal
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
 from resnet_lightning.errors import DISK_FULL, NOT_WRITABLE, UsageError, one_line_errors
 from resnet_lightning.training.config import (
@@ -36,7 +39,7 @@ from resnet_lightning.training.config import (
     instantiate_group,
 )
 from resnet_lightning.training.launch import hydra_job, process_overrides, remove_half_written_run
-from resnet_lightning.training.resume import resume_checkpoint
+from resnet_lightning.training.resume import last_checkpoint_path, resume_checkpoint
 
 log = logging.getLogger(__name__)
 # Columns of TensorBoard's HPARAMS tab besides the model, optimizer, scheduler, seed and overrides.
@@ -81,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # First, so that its checks fall inside other callbacks' per-batch windows (host_syncs).
     callbacks = [DivergenceGuard(), *configured_callbacks(cfg)]
-    callbacks += [RunRecord(resolved), ReseedEachEpoch(seed)]
+    on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
+    callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal]
     loggers = [instantiate_group(cfg, key) for key in group_entries(cfg, "logger")]
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
     plugins = [AtomicCheckpointIO(), *(instantiate_group(cfg, "trainer.plugins") or [])]
@@ -93,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
 
     log.info("Starting training")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    with exit_on_signal(on_signal, trainer, cfg):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     best_val = checkpoint.best_model_score if checkpoint and best_path else None
@@ -116,6 +121,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("metrics: %s", json.dumps(metrics))
     log_final_hparams(trainer, cfg, metrics)
     return metrics
+
+
+@contextmanager
+def exit_on_signal(on_signal: CheckpointOnSignal, trainer: L.Trainer, cfg: DictConfig):
+    """A run stopped by a signal exits with 128 + its number (what shells and job schedulers
+    read as "killed by it"), after one line saying how to continue; not with 0."""
+    try:
+        yield
+    except SystemExit:  # Lightning's SIGTERMException
+        if on_signal.signum is None:
+            raise
+        name = signal.Signals(on_signal.signum).name
+        if trainer.is_global_zero:
+            if on_signal.saved_at is None:
+                where = "before training started (no checkpoint written)"
+            else:
+                step, epoch = on_signal.saved_at
+                where = f"at step {step} (epoch {epoch}); saved {on_signal.path}"
+            print(
+                f"error: stopped by {name} {where}; continue with: python -m resnet_lightning "
+                f"resume=auto hydra.run.dir={cfg.paths.output_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(128 + on_signal.signum) from None
 
 
 def set_torch_threads(cfg: DictConfig) -> None:
