@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, read_write
 
 from resnet_lightning.training.resume import with_saved_overrides
 
@@ -101,6 +101,10 @@ def hydra_job() -> Iterator[None]:
     for the ranks Lightning will start, and afterwards restores the environment and destroys
     the process group."""
     hydra = HydraConfig.get()
+    # Lightning's launcher reads hydra.run.dir for the ranks' command line: in a multirun that
+    # would resolve (and create, unique_dir) a run directory of its own.
+    with read_write(hydra.run):
+        hydra.run.dir = hydra.runtime.output_dir
     config_dirs = [
         arg
         for source in hydra.runtime.config_sources
