@@ -126,3 +126,30 @@ def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
     single_machine = json.loads((ddp_sweep[0] / "sweep" / "0" / "metrics.json").read_text())
     assert metrics["steps"] == 2
     assert metrics["test/loss"] == pytest.approx(single_machine["test/loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_spawned_ranks_train_test_and_report_like_ddp(
+    strategy, ddp_sweep, tmp_path, data_overrides
+):
+    # ddp_spawn/ddp_fork start the ranks as worker processes and hand rank 0's weights back
+    # through the checkpoint plugin; the loop counters and best score come back too.
+    run_dir, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    args = [*DDP, "model=resnet20", f"trainer.strategy={strategy}", *data_overrides]
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_lightning", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env={**cli_env(), "TMPDIR": str(temp)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in run_dir.iterdir()} == JOB_FILES
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    launched = json.loads((ddp_sweep[0] / "sweep" / "0" / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["steps"]) == (1, 2)
+    assert metrics["val/acc"] == launched["val/acc"]  # the best checkpoint's score
+    assert metrics["test/loss"] == pytest.approx(launched["test/loss"], rel=1e-3)
+    assert not list(temp.rglob("*.ckpt"))  # the weights handed back are not left behind

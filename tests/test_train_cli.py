@@ -196,3 +196,19 @@ def test_runs_started_at_once_never_share_a_directory(tmp_path, data_overrides):
     for sweep in tmp_path.glob("sweep*"):
         assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
         assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
+
+
+@pytest.mark.parametrize("no_logger", ["logger=[]", "~logger", "logger=null"])
+def test_runs_without_a_logger_still_write_metrics(no_logger, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    quick = [*TINY, "model=resnet20", "trainer.max_epochs=1", *data_overrides]
+    run_cli([*quick, no_logger, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "csv").exists()
+
+
+def test_a_group_without_a_choice_is_one_line(tmp_path):
+    result = run_cli(["model=null", f"hydra.run.dir={tmp_path}/run"], cwd=REPO, check=False)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: model=null: model needs a choice, one of: alexnet,")

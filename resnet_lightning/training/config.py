@@ -75,6 +75,24 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise UsageError(f"{' '.join(overrides)}: {message}") from None
 
 
+def with_null_groups(overrides: Sequence[str]) -> list[str]:
+    """Command-line overrides with `group=null` made what it means, as Hydra itself refuses a
+    null group choice: no loggers or callbacks for `logger=null` / `callbacks=null` (as
+    `logger=[]`), the default for the groups whose default is none (`experiment=null`), and
+    a one-line error for a group that needs a choice (`model=null`)."""
+    result = []
+    for override in overrides:
+        group, equals, value = override.partition("=")
+        if not (equals and value == "null" and (Path(CONFIG_DIR) / group).is_dir()):
+            result.append(override)
+        elif group in ("logger", "callbacks"):
+            result.append(f"{group}=[]")
+        elif group not in ("debug", "experiment", "hparams_search"):
+            options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("[!_]*.yaml"))
+            raise UsageError(f"{group}=null: {group} needs a choice, one of: {', '.join(options)}")
+    return result
+
+
 def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate` of the group `key`; bad arguments are a UsageError naming it."""
     try:

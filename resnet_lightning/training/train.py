@@ -17,7 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -29,6 +29,7 @@ from resnet_lightning.callbacks.checkpoints import (
     load_checkpoint_file,
 )
 from resnet_lightning.callbacks.divergence import DivergenceGuard
+from resnet_lightning.callbacks.fit_outcome import BEST_SCORE, EPOCHS, STEPS, FitOutcome
 from resnet_lightning.callbacks.preemption import CheckpointOnSignal
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
 from resnet_lightning.errors import DISK_FULL, NOT_WRITABLE, UsageError, one_line_errors
@@ -83,10 +84,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # First, so that its checks fall inside other callbacks' per-batch windows (host_syncs).
-    callbacks = [DivergenceGuard(), *configured_callbacks(cfg)]
-    on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
-    callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal]
     loggers = [instantiate_group(cfg, key) for key in group_entries(cfg, "logger")]
+    callbacks = [DivergenceGuard(), *configured_callbacks(cfg, with_loggers=bool(loggers))]
+    on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
+    callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal, FitOutcome()]
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
     plugins = [AtomicCheckpointIO(), *(instantiate_group(cfg, "trainer.plugins") or [])]
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
@@ -99,19 +100,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Starting training")
     with exit_on_signal(on_signal, trainer, cfg):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    # Read before testing clears callback_metrics; without a best checkpoint, the last
+    # validation's accuracy.
+    outcome = dict(trainer.callback_metrics)
+    best_val = outcome.get(BEST_SCORE, outcome.get("val/acc"))
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
-    best_val = checkpoint.best_model_score if checkpoint and best_path else None
-    if best_val is None:  # the last validation's, read before testing clears callback_metrics
-        best_val = trainer.callback_metrics.get("val/acc")
     log.info("Starting testing (%s)", best_path or "the last weights")
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
 
     metrics = {
         **{k: float(v) for k, v in test.items()},
         "val/acc": float(best_val) if best_val is not None else float("nan"),
-        "epochs": trainer.current_epoch,
-        "steps": trainer.global_step,
+        "epochs": int(outcome[EPOCHS]),
+        "steps": int(outcome[STEPS]),
         "params": sum(p.numel() for p in net.parameters()),
         "wall_time_s": round(time.perf_counter() - start, 2),
         "best_checkpoint": best_path,
@@ -171,10 +173,13 @@ def group_entries(cfg: DictConfig, group: str) -> list[str]:
     return [f"{group}.{name}" for name, entry in node.items() if entry]
 
 
-def configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """conf/callbacks/ less those set to null, and less those the Trainer's switches turn off
-    (`trainer.enable_progress_bar=false` drops the configured bar too, not only its default)."""
+def configured_callbacks(cfg: DictConfig, with_loggers: bool) -> list[L.Callback]:
+    """conf/callbacks/ less those set to null, less those the Trainer's switches turn off
+    (`trainer.enable_progress_bar=false` drops the configured bar too, not only its default),
+    and without loggers (`logger=[]`) less the learning-rate monitor, which logs nothing else."""
     callbacks = [instantiate_group(cfg, key) for key in group_entries(cfg, "callbacks")]
+    if not with_loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     for kind, switch in (
         (ProgressBar, "enable_progress_bar"),
         (ModelSummary, "enable_model_summary"),
