@@ -359,3 +359,20 @@ def test_resume_auto_in_a_new_directory_starts_fresh(tmp_path, data_overrides, c
     code, stderr = run_main(args, capfd, monkeypatch)
     assert code == 0, stderr
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("hydra/sweeper/optuna", "sweep"), ("hydra/launcher/submitit_slurm", "slurm")],
+)
+def test_a_missing_plugin_config_names_its_extra(config, extra):
+    # What Hydra raises when the plugin that brings the config is not installed.
+    from hydra.errors import MissingConfigException
+
+    from resnet_lightning.errors import describe_bad_input
+
+    err = MissingConfigException("not found", missing_cfg_file=config, options=["basic"])
+    group, _, name = config.rpartition("/")
+    assert describe_bad_input(err) == (
+        f"{group}={name} needs a Hydra plugin that is not installed; pip install -e '.[{extra}]'"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import lightning as L
@@ -45,6 +46,15 @@ class ImageTensorDataset(Dataset):
         # already run single-threaded.
         with intra_op_threads(1):
             return [self[i] for i in indices]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: by fork where the platform has it (fast; what DataLoader does
+    by default on Linux before Python 3.14), else spawn. Named explicitly because a process
+    that a job launcher started (joblib's loky: hydra/launcher=parallel) has a default start
+    method of its own, which cannot start DataLoader workers."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
 
 
 class CifarDataModule(L.LightningDataModule):
@@ -233,6 +243,7 @@ class CifarDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
             drop_last=train,
             num_workers=workers,
+            multiprocessing_context=worker_context() if workers else None,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
