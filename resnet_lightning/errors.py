@@ -10,6 +10,7 @@ their message text.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 import re
@@ -92,12 +93,26 @@ def one_line_errors() -> Iterator[None]:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
+        log_to_files(f"error: {message}")
         raise SystemExit(2) from None
     finally:
         if saved is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def log_to_files(line: str) -> None:
+    """Write `line` to the log files of the root logger (a run's train.log), not the console,
+    where it has been printed already."""
+    record = logging.LogRecord("resnet_lightning", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            try:  # a full disk or a closed file loses the line there, not the error itself
+                handler.stream.write(handler.format(record) + handler.terminator)
+                handler.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
 
 
 def describe_bad_input(err: BaseException) -> str | None:

@@ -4,7 +4,6 @@ small run settings, and a CIFAR-shaped archive for machines without the real cop
 from __future__ import annotations
 
 import io
-import logging
 import os
 import subprocess
 import sys
@@ -92,12 +91,6 @@ def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:
 
     monkeypatch.setattr(sys, "argv", ["resnet_lightning", *args])
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    # Lightning's log handlers keep the sys.stderr of import time, a capture pytest has since
-    # closed; the process's own stderr is what they write to outside pytest.
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:  # not pytest's own capture handlers
-                handler.setStream(sys.__stderr__)
     capfd.readouterr()
     try:
         main()

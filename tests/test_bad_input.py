@@ -65,6 +65,7 @@ def assert_one_line_error(code: int, stderr: str, expected: str, run_dir: Path) 
         ("trainer.max_epochs=ten", "trainer.max_epochs='ten' must be a number"),
         ("data.batch_size=-8", "data.batch_size=-8 must be positive"),
         ("trainer.devices=0", "Trainer(devices=0)"),
+        ("trainer=ddp", "no CUDA GPU; use trainer=cpu, or trainer=ddp_cpu for DDP on the CPU"),
         ("resume=/no/such/last.ckpt", "resume=/no/such/last.ckpt: no such checkpoint file"),
     ],
 )

@@ -212,3 +212,21 @@ def test_a_group_without_a_choice_is_one_line(tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: model=null: model needs a choice, one of: alexnet,")
+
+
+def test_train_log_holds_what_the_console_showed(tmp_path, data_overrides):
+    run_dir, failed_dir = tmp_path / "run", tmp_path / "failed"
+    quick = [*TINY, "model=resnet20", "trainer.max_epochs=1", *data_overrides]
+    result = run_cli([*quick, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    log = (run_dir / "train.log").read_text()
+    for line in ("Seed set to 42", "GPU available: False", "`Trainer.fit` stopped", "metrics: "):
+        assert line in log, log  # Lightning's lines and this package's
+    assert f"Run directory: {run_dir}" in result.stdout  # said at the start and the end
+    assert log.count(f"Run directory: {run_dir}") == 2
+
+    failed = run_cli(
+        [*quick, "data.batch_size=0", f"hydra.run.dir={failed_dir}"], cwd=REPO, check=False
+    )
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: data.batch_size=0 must be positive")
+    assert (failed_dir / "train.log").read_text().strip().splitlines()[-1].endswith(error)

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import get_object, instantiate
@@ -181,6 +182,12 @@ def check_config(cfg: DictConfig) -> None:
     if max_steps == 0 or max_steps < -1:
         raise UsageError(
             f"trainer.max_steps={max_steps} must be positive, or -1 to stop by trainer.max_epochs"
+        )
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"trainer.accelerator={accelerator} (trainer=gpu or trainer=ddp) but this machine has "
+            "no CUDA GPU; use trainer=cpu, or trainer=ddp_cpu for DDP on the CPU"
         )
     seed = cfg.get("seed")
     if seed is not None and not isinstance(seed, int):

@@ -32,7 +32,13 @@ from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.callbacks.fit_outcome import BEST_SCORE, EPOCHS, STEPS, FitOutcome
 from resnet_lightning.callbacks.preemption import CheckpointOnSignal
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
-from resnet_lightning.errors import DISK_FULL, NOT_WRITABLE, UsageError, one_line_errors
+from resnet_lightning.errors import (
+    DISK_FULL,
+    NOT_WRITABLE,
+    UsageError,
+    log_to_files,
+    one_line_errors,
+)
 from resnet_lightning.training.config import (
     CONFIG_DIR,
     check_config,
@@ -60,6 +66,7 @@ HPARAM_KEYS = (
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run as configured; return the metrics written to metrics.json."""
     start = time.perf_counter()
+    log.info("Run directory: %s", cfg.paths.output_dir)
     check_config(cfg)
     if cfg.get("resume") == "auto":  # the config holds the run directory's saved overrides
         check_targets(cfg, f"resume=auto of {cfg.paths.output_dir}")
@@ -121,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
+        log.info("Run directory: %s", cfg.paths.output_dir)
     log_final_hparams(trainer, cfg, metrics)
     return metrics
 
@@ -141,12 +149,12 @@ def exit_on_signal(on_signal: CheckpointOnSignal, trainer: L.Trainer, cfg: DictC
             else:
                 step, epoch = on_signal.saved_at
                 where = f"at step {step} (epoch {epoch}); saved {on_signal.path}"
-            print(
+            line = (
                 f"error: stopped by {name} {where}; continue with: python -m resnet_lightning "
-                f"resume=auto hydra.run.dir={cfg.paths.output_dir}",
-                file=sys.stderr,
-                flush=True,
+                f"resume=auto hydra.run.dir={cfg.paths.output_dir}"
             )
+            print(line, file=sys.stderr, flush=True)
+            log_to_files(line)
         raise SystemExit(128 + on_signal.signum) from None
 
 
@@ -222,6 +230,7 @@ def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, An
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run(cfg: DictConfig) -> float:
     """One Hydra job: a run, or one job of a multirun."""
+    logging.captureWarnings(True)  # warnings go to the console and train.log like the rest
     # Inside the job too: Hydra would log its own "Error executing job" report before ours.
     with hydra_job(), one_line_errors():
         metrics = train(cfg)
