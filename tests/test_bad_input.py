@@ -264,7 +264,7 @@ def write_file_with(marker: Path) -> dict:
 
 @pytest.mark.parametrize(
     "where",
-    ["group", "nested", "list element", "interpolation", "hydra config.yaml"],
+    ["group", "nested", "imported class", "list element", "interpolation", "hydra config.yaml"],
 )
 def test_checkpoint_config_cannot_call_arbitrary_targets(
     where, trained_checkpoint, tmp_path, capfd, monkeypatch
@@ -278,6 +278,10 @@ def test_checkpoint_config_cannot_call_arbitrary_targets(
         key = "optimizer"
     elif where == "nested":  # a trusted class whose argument is built from an untrusted one
         config["optimizer"]["weight_decay"] = write_file_with(marker)
+        key = "optimizer.weight_decay"
+    elif where == "imported class":  # a class a trusted module imports, not one it defines
+        target = "resnet_lightning.data.cifar.zipfile.ZipFile"
+        config["optimizer"]["weight_decay"] = {"_target_": target, "file": str(marker), "mode": "w"}
         key = "optimizer.weight_decay"
     elif where == "list element":
         config["trainer"]["plugins"] = [write_file_with(marker)]
@@ -306,7 +310,7 @@ def test_checkpoint_config_cannot_call_arbitrary_targets(
     (line,) = capfd.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert line.startswith("error: refusing ") and f" at {key}, " in line, line
-    assert "builtins." in line
+    assert "builtins." in line or "zipfile.ZipFile" in line
     assert not marker.exists()
 
 
@@ -322,6 +326,8 @@ def test_resume_auto_refuses_saved_overrides_that_call_arbitrary_targets(
         for crafted, expected in (
             (evil, "its config names _target_ 'builtins.open' at callbacks.evil"),
             ("hydra.searchpath=[file:///tmp]", "it sets Hydra's own hydra.searchpath"),
+            # A Hydra flag: --experimental-rerun unpickles the file it names.
+            (f"--experimental-rerun={marker}", "it holds --experimental-rerun"),
         ):
             saved.write_text(yaml.safe_dump([*yaml.safe_load(original), crafted]))
             args = ["resume=auto", f"hydra.run.dir={run_dir}", *data_overrides]

@@ -22,6 +22,7 @@ from resnet_lightning.callbacks.checkpoints import PARTIAL_SUFFIX, remove_partia
 from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.data import load_cifar10
 from resnet_lightning.tools import evaluate as evaluation
+from resnet_lightning.training.module import ImageClassifier
 from tests.cli_harness import CLASSES, REPO, TINY, cli_env, run_cli, run_main, without_callbacks
 
 # Non-default model options (projection shortcuts change the weights' names), seed 0, and
@@ -300,3 +301,35 @@ def test_signal_mid_epoch_checkpoints_and_resumes_to_the_uninterrupted_result(
     assert read_metrics(run_dir) == read_metrics(reference)
     final, expected = weights(last), weights(reference / "checkpoints" / "last.ckpt")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("during", ["validation", "testing"])
+def test_signal_outside_training_steps_exits_non_zero_and_says_what_was_kept(
+    during, tmp_path, data_overrides, capfd, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    step = ImageClassifier.validation_step if during == "validation" else ImageClassifier.test_step
+
+    def signal_at_first_batch(self, batch, batch_idx):
+        if batch_idx == 0 and (during == "testing" or self.current_epoch == 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    name = "validation_step" if during == "validation" else "test_step"
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageClassifier, name, signal_at_first_batch)
+        code, stderr = run_main(
+            [*RUN, *data_overrides, f"hydra.run.dir={run_dir}"], capfd, monkeypatch
+        )
+    line = stderr.strip().splitlines()[-1]
+    assert code == 128 + signal.SIGTERM, stderr
+    assert not (run_dir / "metrics.json").exists()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if during == "validation":  # a half-validated epoch is not saved: epoch 0's end is kept
+        assert line.startswith(
+            f"error: stopped by SIGTERM during validation; kept the last epoch's {last}"
+        )
+        assert torch.load(last, weights_only=True)["epoch"] == 0
+    else:
+        assert line.startswith("error: stopped by SIGTERM during testing, after training; test the")
+        assert "python -m resnet_lightning.eval ckpt_path=" in line

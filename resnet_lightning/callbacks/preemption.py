@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from types import FrameType
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class CheckpointOnSignal(L.Callback):
@@ -20,35 +20,50 @@ class CheckpointOnSignal(L.Callback):
     generators, so that `resume=auto` continues the epoch where it stopped and ends as an
     uninterrupted run would. `signum` then names the signal; the caller exits with 128 + it.
 
-    Lightning stops at the end of a batch on SIGTERM (all DDP ranks together: rank 0's flag is
-    broadcast before each batch). SIGINT and SIGUSR1 take the same path.
+    Lightning stops on SIGTERM (all DDP ranks together: rank 0's flag is broadcast before each
+    batch); SIGINT and SIGUSR1 are turned into it. A stop during validation writes nothing:
+    a half-validated epoch would resume with partial metrics, so the previous `last.ckpt`
+    stays and the epoch is trained again. Taking SIGUSR1 replaces Lightning's SLURM
+    auto-requeue handler: the job ends with the checkpoint, to be resubmitted or requeued by
+    the launcher (`max_num_timeout`).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.signum: int | None = None
         self.saved_at: tuple[int, int] | None = None  # (global step, epoch) of the checkpoint
+        self.stopped_during: str | None = None  # "training", "validation" or "testing"
         self._previous: dict[int, object] = {}
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning has installed its SIGTERM handler by now: ours records the signal, then
-        # hands it on to Lightning's.
-        self.signum = None
-        for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before Lightning installs its SIGTERM handler, which then calls this one too.
+        if stage == "fit" and not self._previous:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._record)
+            for signum in (signal.SIGINT, signal.SIGUSR1):
+                self._previous[signum] = signal.signal(signum, self._stop_as_on_sigterm)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
-        lightning_handler = self._previous.get(signal.SIGTERM)
-        if callable(lightning_handler):
-            lightning_handler(signal.SIGTERM, frame)
+
+    def _stop_as_on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._record(signum, frame)
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's stop, handed on to its DDP ranks
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._restore_handlers()
-        if self.signum is not None and trainer.state.fn == TrainerFn.FITTING:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self.signum is None:  # stopped because another rank was signalled
+            self.signum = signal.SIGTERM
+        if trainer.state.fn != TrainerFn.FITTING:
+            self.stopped_during = "testing"
+        elif trainer.state.stage == RunningStage.VALIDATING:
+            self.stopped_during = "validation"
+        else:
+            self.stopped_during = "training"
             # Every rank gets here together (Lightning's stop is collective): saving is too.
             trainer.save_checkpoint(self.path)
             self.saved_at = (trainer.global_step, trainer.current_epoch)

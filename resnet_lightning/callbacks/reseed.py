@@ -21,7 +21,9 @@ class ReseedEachEpoch(L.Callback):
     states saved in the checkpoint. Random crops and flips in the main process
     (`data.num_workers=0`) then repeat exactly after a resume; worker processes are seeded from
     the loader's own generator, so with workers the batches hold the same images after a
-    resume but their augmentation differs.
+    resume but their augmentation differs. Under DDP a checkpoint holds rank 0's states only:
+    a mid-epoch resume reseeds every rank from (seed, epoch, step, rank) instead, so each rank
+    still draws its own numbers, though not those of the uninterrupted run.
     """
 
     def __init__(self, seed: int):
@@ -29,11 +31,7 @@ class ReseedEachEpoch(L.Callback):
         self._restored: dict[str, Any] | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        entropy = [self.seed, trainer.current_epoch, trainer.global_rank]
-        state = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-        torch.manual_seed(state)
-        np.random.seed(state)
-        random.seed(state)
+        _seed_all(self.seed, trainer.current_epoch, trainer.global_rank)
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
@@ -43,8 +41,8 @@ class ReseedEachEpoch(L.Callback):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
             "random": random.getstate(),
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available():  # the training device's (one per process)
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -56,12 +54,23 @@ class ReseedEachEpoch(L.Callback):
         if self._restored is None:
             return
         state, self._restored = self._restored, None
+        if trainer.world_size > 1:
+            _seed_all(self.seed, trainer.current_epoch, trainer.global_rank, trainer.global_step)
+            return
         torch.set_rng_state(state["torch"])
         kind, keys, position, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         random.setstate(_as_tuples(state["random"]))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_all(*entropy: int) -> None:
+    """Seed torch, numpy and random from the numbers given (seed, epoch, rank, ...)."""
+    state = int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+    torch.manual_seed(state)
+    np.random.seed(state)
+    random.seed(state)
 
 
 def _as_tuples(value: Any) -> Any:

@@ -170,14 +170,17 @@ def _read_image_tree(path: Path, limits: ReadLimits) -> CifarArrays:
 
 def _decode(path: Path, name: str, data: bytes) -> torch.Tensor:
     try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = Image.open(io.BytesIO(data))  # reads the header alone
+        size = image.size
+        if size == (32, 32):  # checked first: a small file can declare a huge image
+            image = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         reason = str(err).split(" <_io.BytesIO")[0]  # PIL names the buffer, not the file
         raise DataError(
             f"{path}: {name} is not a readable image ({reason}); remove or replace that file"
         ) from None
-    if image.size != (32, 32):
-        raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32")
+    if size != (32, 32):
+        raise DataError(f"{name} is {size[0]}x{size[1]}, CIFAR-10 images are 32x32")
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
 
 
@@ -213,6 +216,7 @@ def _iter_files(
                 if member.isfile() and wanted(name := _safe_name(path, member.name)):
                     budget.take(name, member.size)
                     yield name, archive.extractfile(member).read()
+                archive.members.clear()  # tarfile keeps every header read; streamed, none is needed
     else:
         raise DataError(
             f"could not read {path}: not a folder, .tar, .tar.gz or .zip (corrupt or incomplete?); "

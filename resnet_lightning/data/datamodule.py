@@ -236,10 +236,15 @@ class CifarDataModule(L.LightningDataModule):
         # Shuffled by (seed, epoch) so that a resumed run sees the same batches, and resumable
         # part-way through an epoch; the loader's own generator keeps its draws off the global
         # RNG.
+        sampler = ResumableSampler(dataset, seed, rank, world_size) if train else None
+        if sampler is not None and trainer is not None:
+            # Workers fetch ahead as soon as the loader is iterated, before Lightning sets the
+            # epoch: a resumed run's loader starts at its epoch.
+            sampler.set_epoch(trainer.current_epoch)
         return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.hparams.batch_size,
-            sampler=ResumableSampler(dataset, seed, rank, world_size) if train else None,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(seed),
             drop_last=train,
             num_workers=workers,

@@ -9,7 +9,7 @@ Other `key=value` arguments override the run's saved config: `data.path=...`, `d
 `data.batch_size=256`, `trainer.accelerator=cpu`. The whole test set is tested even when the
 run's own test was limited to a few batches (`trainer.limit_test_batches=2` to limit it again).
 The checkpoint is loaded with
-`weights_only=True`; nothing is written.
+`weights_only=True`; no run files are written (the data cache in data.root, as by any run).
 """
 
 from __future__ import annotations

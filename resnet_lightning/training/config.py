@@ -44,6 +44,9 @@ TRUSTED_PACKAGES = (
     "torchmetrics",
 )
 TRUSTED_FUNCTIONS = ("resnet_lightning.models.create_model",)
+# Classes of those packages that write files or fetch data when built or run with the paths
+# a config gives them.
+UNTRUSTED_MODULES = ("lightning.pytorch.profilers", "lightning.pytorch.demos")
 # `_target_`s that moved when the package took its layered layout, as configs saved in older
 # checkpoints and run directories still name them.
 MOVED_TARGETS = {
@@ -147,12 +150,23 @@ def _is_trusted_target(target: object) -> bool:
         return False
     if target in TRUSTED_FUNCTIONS:
         return True
-    if not any(target.startswith(f"{package}.") for package in TRUSTED_PACKAGES):
+    if not _in_packages(target, TRUSTED_PACKAGES):
         return False
     try:  # a module of a trusted package: importing it runs nothing a run would not
-        return isinstance(get_object(target), type)
+        obj = get_object(target)
     except Exception:  # not there: instantiating it would fail anyway
         return False
+    # Defined in a trusted package, not imported into one (`....cifar.zipfile.ZipFile`).
+    module = getattr(obj, "__module__", "") or ""
+    return (
+        isinstance(obj, type)
+        and _in_packages(module, TRUSTED_PACKAGES)
+        and not _in_packages(module, UNTRUSTED_MODULES)
+    )
+
+
+def _in_packages(name: str, packages: Sequence[str]) -> bool:
+    return any(name == package or name.startswith(f"{package}.") for package in packages)
 
 
 def _dict_nodes(node: Any, key: str = "") -> Iterator[tuple[str, DictConfig]]:

@@ -48,8 +48,12 @@ def unique_dir(path: str) -> str:
 
     `os.mkdir` fails when the folder exists, so of two runs that start in the same second (and
     resolve the same name) each gets its own. Hydra resolves it once per run and once per sweep
-    (its jobs share the sweep's resolver cache); the DDP ranks of a run are given its directory.
+    (its jobs share the sweep's resolver cache); the DDP ranks Lightning starts are given its
+    directory, and ranks that torchrun or SLURM started take the name as it is (pass them
+    hydra.run.dir to be sure they agree).
     """
+    if launched_rank() > 0:
+        return path
     base = Path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in itertools.count():

@@ -56,7 +56,8 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
     """`resume=auto hydra.run.dir=<run>`: put the run's own overrides (.hydra/overrides.yaml)
     before `argv`, so the run continues with the settings it started with. Overrides given on
     the command line win; a multirun repeats its sweep arguments itself."""
-    if "resume=auto" not in argv or {"-m", "--multirun"} & set(argv):
+    resume = [a.partition("=")[2].strip("'\"") for a in argv if _override_key(a) == "resume"]
+    if resume[-1:] != ["auto"] or {"-m", "--multirun"} & set(argv):
         return argv
     run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
     if not run_dirs or not Path(run_dirs[-1]).exists():
@@ -79,6 +80,11 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
     if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
         raise UsageError(f"{saved_file} is not a list of overrides; start a fresh run instead")
     for override in saved:
+        if override.startswith("-"):  # a Hydra flag, never an override: --experimental-rerun
+            raise UsageError(  # unpickles the file it names
+                f"refusing {saved_file}: it holds {override.split('=', 1)[0]}, which is not an "
+                "override; use only run directories from a source you trust"
+            )
         # Hydra's own settings are never saved there; one could add a config search path.
         if _override_key(override).startswith("hydra"):
             raise UsageError(

@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from resnet_lightning.atomic_files import write_json
@@ -114,7 +115,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     log.info("Starting testing (%s)", best_path or "the last weights")
-    (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+    with exit_on_signal(on_signal, trainer, cfg):
+        (test,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
 
     metrics = {
         **{k: float(v) for k, v in test.items()},
@@ -136,26 +138,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @contextmanager
 def exit_on_signal(on_signal: CheckpointOnSignal, trainer: L.Trainer, cfg: DictConfig):
     """A run stopped by a signal exits with 128 + its number (what shells and job schedulers
-    read as "killed by it"), after one line saying how to continue; not with 0."""
+    read as "killed by it"), after one line saying what was kept and how to continue; not
+    with 0, as Lightning's own stop would."""
     try:
         yield
-    except SystemExit:  # Lightning's SIGTERMException
-        if on_signal.signum is None:
-            raise
-        name = signal.Signals(on_signal.signum).name
+    except SIGTERMException:
+        signum = on_signal.signum or signal.SIGTERM
         if trainer.is_global_zero:
-            if on_signal.saved_at is None:
-                where = "before training started (no checkpoint written)"
-            else:
+            resume = f"python -m resnet_lightning resume=auto hydra.run.dir={cfg.paths.output_dir}"
+            if on_signal.stopped_during == "testing":
+                what = (
+                    "during testing, after training; test the best checkpoint with: python -m "
+                    f"resnet_lightning.eval ckpt_path={trainer.checkpoint_callback.best_model_path}"
+                )
+            elif on_signal.saved_at is not None:
                 step, epoch = on_signal.saved_at
-                where = f"at step {step} (epoch {epoch}); saved {on_signal.path}"
-            line = (
-                f"error: stopped by {name} {where}; continue with: python -m resnet_lightning "
-                f"resume=auto hydra.run.dir={cfg.paths.output_dir}"
-            )
+                what = f"at step {step} (epoch {epoch}); saved {on_signal.path}"
+                what += f"; continue with: {resume}"
+            else:  # during validation, or before training started
+                what = (
+                    f"during {on_signal.stopped_during or 'start-up'}; kept the last epoch's "
+                    f"{on_signal.path} (if any); continue with: {resume}"
+                )
+            line = f"error: stopped by {signal.Signals(signum).name} {what}"
             print(line, file=sys.stderr, flush=True)
             log_to_files(line)
-        raise SystemExit(128 + on_signal.signum) from None
+        raise SystemExit(128 + signum) from None
 
 
 def set_torch_threads(cfg: DictConfig) -> None:
