@@ -91,8 +91,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_checkpoint_fits(module, load_checkpoint_file(resume_path, mmap=True), resume_path)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    # First, so that its checks fall inside other callbacks' per-batch windows (host_syncs).
     loggers = [instantiate_group(cfg, key) for key in group_entries(cfg, "logger")]
+    # The guard first, so that its checks fall inside other callbacks' per-batch windows.
     callbacks = [DivergenceGuard(), *configured_callbacks(cfg, with_loggers=bool(loggers))]
     on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal, FitOutcome()]
