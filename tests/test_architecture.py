@@ -28,6 +28,7 @@ ALLOWED = {
     "eval": {"tools"},
     "bench": {"tools"},
     "report": {"tools"},
+    "export": {"tools"},
     "__init__": set(),
 }
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -111,7 +112,8 @@ def test_models_are_pure_pytorch():
 
 
 def test_entry_points_are_thin():
-    for name in ("__main__.py", "eval.py", "bench.py", "report.py", "models/__main__.py"):
+    entries = ("__main__.py", "eval.py", "bench.py", "report.py", "export.py", "models/__main__.py")
+    for name in entries:
         lines = [line for line in (PACKAGE / name).read_text().splitlines() if line.strip()]
         assert len(lines) <= 12, name
 
@@ -124,6 +126,7 @@ def test_entry_points_are_thin():
         (["resnet_lightning.report", "--help"], "{summary,params,compare,degradation}"),
         (["resnet_lightning.report", "params", "--help"], "config overrides"),
         (["resnet_lightning.bench", "--help"], "--sections"),
+        (["resnet_lightning.export", "--help"], "format=onnx"),
         # The model zoo's table, a row per model as it is counted.
         (["resnet_lightning.models"], "| resnet56 | ResNet (CIFAR) | 32 | 853,018 |"),
     ],
