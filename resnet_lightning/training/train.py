@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate_group(cfg, "optimizer"),
         scheduler=instantiate_group(cfg, "scheduler") if cfg.scheduler else None,
     )
+    # The model summary counts FLOPs on it (without one it prints "Total FLOPs: 0").
+    size = int(cfg.data.image_size)
+    module.example_input_array = torch.zeros(1, 3, size, size)
     if resume_path:  # a checkpoint that cannot continue this run stops it before any output
         # Memory-mapped: the check reads shapes, fit() then loads the file for real.
         check_checkpoint_fits(module, load_checkpoint_file(resume_path, mmap=True), resume_path)
@@ -166,6 +170,20 @@ def exit_on_signal(on_signal: CheckpointOnSignal, trainer: L.Trainer, cfg: DictC
         raise SystemExit(128 + signum) from None
 
 
+def quiet_noise() -> None:
+    """Drop the lines that say nothing about the run: Lightning's advertisement for its
+    cloud logger, and a deprecation inside Lightning that users cannot act on."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in tips.filters):
+        tips.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def set_torch_threads(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     if (threads := cfg.get("num_threads")) is not None:
@@ -238,6 +256,7 @@ def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, An
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run(cfg: DictConfig) -> float:
     """One Hydra job: a run, or one job of a multirun."""
+    quiet_noise()
     logging.captureWarnings(True)  # warnings go to the console and train.log like the rest
     # Inside the job too: Hydra would log its own "Error executing job" report before ours.
     with hydra_job(), one_line_errors():
