@@ -168,19 +168,24 @@ def _open_image(path: Path) -> Image.Image:
         raise UsageError(f"could not read image {path} ({err}); pass .png/.jpg images") from None
 
 
+def key_value_args(argv: Sequence[str], doc: str, required: str) -> dict[str, str]:
+    """The `key=value` arguments of a checkpoint command, which must include `required`
+    (e.g. "ckpt_path=<file.ckpt>"); `--help` (or nothing) prints `doc` and exits."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc)
+        raise SystemExit(0 if argv else 2)
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    needed = {part.split("=", 1)[0] for part in required.split()}
+    if any("=" not in arg for arg in argv) or not needed <= set(args):
+        raise UsageError(f"expected {required} and key=value arguments, got {' '.join(argv)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m resnet_lightning.eval ckpt_path=... [predict=...] [key=value ...]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        raise SystemExit(0 if argv else 2)
     with one_line_errors():
-        args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-        unparsed = [arg for arg in argv if "=" not in arg]
-        if unparsed or "ckpt_path" not in args:
-            raise UsageError(
-                f"expected ckpt_path=<file.ckpt> and key=value arguments, got {' '.join(argv)}"
-            )
+        args = key_value_args(argv, __doc__, "ckpt_path=<file.ckpt>")
         ckpt_path, images = args.pop("ckpt_path"), args.pop("predict", None)
         overrides = [f"{k}={v}" for k, v in args.items()]
         if images is None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from resnet_lightning.atomic_files import write_json
 from resnet_lightning.data import NORMALIZATION
 from resnet_lightning.errors import UsageError, one_line_errors
-from resnet_lightning.tools.evaluate import load_trained_run
+from resnet_lightning.tools.evaluate import key_value_args, load_trained_run
 from resnet_lightning.training.config import instantiate_group
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2"}
@@ -139,16 +139,9 @@ EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported_program": _ex
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m resnet_lightning.export ckpt_path=... format=... [out=...] [key=value ...]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        raise SystemExit(0 if argv else 2)
     with one_line_errors():
-        args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-        if [arg for arg in argv if "=" not in arg] or not {"ckpt_path", "format"} <= set(args):
-            raise UsageError(
-                "expected ckpt_path=<file.ckpt> format=onnx|torchscript|exported_program and "
-                f"key=value arguments, got {' '.join(argv)}"
-            )
+        required = "ckpt_path=<file.ckpt> format=onnx|torchscript|exported_program"
+        args = key_value_args(argv, __doc__, required)
         ckpt_path, file_format = args.pop("ckpt_path"), args.pop("format")
         out, tolerance = args.pop("out", None), float(args.pop("tolerance", 1e-4))
         overrides = [f"{k}={v}" for k, v in args.items()]

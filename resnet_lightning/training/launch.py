@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, read_write
 
 from resnet_lightning.training.config import with_null_groups
-from resnet_lightning.training.resume import with_saved_overrides
+from resnet_lightning.training.resume import given_run_dir, with_saved_overrides
 
 # Set by a Hydra job for the DDP ranks Lightning starts: the job's own command line.
 JOB_ARGV_ENV = "RESNET_LIGHTNING_JOB_ARGV"
@@ -83,8 +83,7 @@ def remove_half_written_run(argv: list[str]) -> None:
     """After the disk filled or refused a write while Hydra set a run up: remove the empty
     files it left (`.hydra/*.yaml`, `train.log`), and the run directory if nothing else is
     in it, so that no half-written run remains."""
-    given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-    run_dir = Path(given[-1]) if given else (CREATED_DIRS[-1] if CREATED_DIRS else None)
+    run_dir = given_run_dir(argv) or (CREATED_DIRS[-1] if CREATED_DIRS else None)
     if run_dir is None or not run_dir.is_dir():
         return
     for file in [*run_dir.glob(".hydra/*"), run_dir / "train.log"]:

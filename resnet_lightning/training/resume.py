@@ -59,10 +59,9 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
     resume = [a.partition("=")[2].strip("'\"") for a in argv if _override_key(a) == "resume"]
     if resume[-1:] != ["auto"] or {"-m", "--multirun"} & set(argv):
         return argv
-    run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-    if not run_dirs or not Path(run_dirs[-1]).exists():
+    run_dir = given_run_dir(argv)
+    if run_dir is None or not run_dir.exists():
         return argv  # a new run directory: a fresh run, which resume=auto can continue later
-    run_dir = Path(run_dirs[-1])
     saved_file = run_dir / ".hydra" / "overrides.yaml"
     if not saved_file.is_file():
         # Without its overrides the run would silently continue as the defaults.
@@ -102,6 +101,12 @@ def _with_moved_targets(override: str) -> str:
     for old, new in MOVED_TARGETS.items():
         override = override.replace(old, new)
     return override
+
+
+def given_run_dir(argv: list[str]) -> Path | None:
+    """The `hydra.run.dir=` of a command line (the last one), if any."""
+    run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    return Path(run_dirs[-1]) if run_dirs else None
 
 
 def _override_key(override: str) -> str:
