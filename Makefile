@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The default is PyPI's CUDA build of torch (about 5.5 GB installed; it runs on a CPU too). On a
+# machine without a GPU, a CPU build is a tenth of that:
+#   make install TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 # Use the CIFAR-10 copy beside the checkout when there is one (no download needed).
@@ -10,12 +13,15 @@ ifneq ($(wildcard $(SHARED_CIFAR)),)
 export CIFAR10_PATH ?= $(SHARED_CIFAR)
 endif
 
-.PHONY: install train test lint bench tensorboard clean
+.PHONY: install train test test-all lint bench tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,sweep,export]'
+	@echo "Installing $(TORCH_SPEC) into $(VENV)/ (the CUDA build: about 5.5 GB, minutes on a slow link; TORCH_SPEC in the Makefile for a CPU-only build)"
+	$(PY) -m pip install --progress-bar on $(TORCH_SPEC)
+	@echo "Installing resnet-lightning and its extras (dev, sweep, export, mlflow, wandb) into $(VENV)/"
+	$(PY) -m pip install -q -e '.[dev,sweep,export,mlflow,wandb]'
+	@echo "Done. Run commands with $(PY) (or 'source $(VENV)/bin/activate' first)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,7 +29,12 @@ install: $(VENV)/.installed
 train: install
 	$(PY) -m resnet_lightning $(ARGS)
 
+# The suite less its slow tier (multi-process DDP and torchrun runs, benchmarks, whole recipes;
+# `-m slow` in tests/): about 10 minutes on a 2-core machine. test-all runs every test.
 test: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: install
 	$(PY) -m pytest $(ARGS)
 
 lint: install

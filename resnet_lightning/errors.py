@@ -29,6 +29,11 @@ NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 UNSAFE_PICKLE = "Weights only load failed"
 # Configs of the optional Hydra plugins, by the pyproject extra that installs each.
 PLUGIN_CONFIGS = {"optuna": "sweep", "joblib": "sweep", "submitit_slurm": "slurm"}
+# Classes whose package is optional, by the pyproject extra that installs it.
+TARGET_EXTRAS = {
+    "lightning.pytorch.loggers.MLFlowLogger": "mlflow",
+    "lightning.pytorch.loggers.WandbLogger": "wandb",
+}
 LIST_OPTIONS = "`python -m resnet_lightning --cfg job` prints every option"
 
 

@@ -66,10 +66,16 @@ def cli_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True):
-    """`python -m resnet_lightning ARGS` in a subprocess, as a user runs it."""
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    timeout: int = 600,
+    check: bool = True,
+    command: str = "resnet_lightning",
+):
+    """`python -m COMMAND ARGS` (by default the training CLI) in a subprocess, as a user runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "resnet_lightning", *args],
+        [sys.executable, "-m", command, *args],
         cwd=cwd,
         env=cli_env(),
         capture_output=True,

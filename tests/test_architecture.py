@@ -128,7 +128,11 @@ def test_entry_points_are_thin():
         (["resnet_lightning.bench", "--help"], "--sections"),
         (["resnet_lightning.export", "--help"], "format=onnx"),
         # The model zoo's table, a row per model as it is counted.
-        (["resnet_lightning.models"], "| resnet56 | ResNet (CIFAR) | 32 | 853,018 |"),
+        pytest.param(
+            ["resnet_lightning.models"],
+            "| resnet56 | ResNet (CIFAR) | 32 | 853,018 |",
+            marks=pytest.mark.slow,  # about a minute on a slow 2-core machine: make test-all
+        ),
     ],
     ids=lambda c: " ".join(c) if isinstance(c, list) else None,
 )

@@ -129,7 +129,8 @@ def test_archive_with_unsafe_entry_is_refused(tmp_path, capfd, monkeypatch):
 
 def test_nan_loss_stops_at_once_naming_the_step(tmp_path, data_overrides, capfd, monkeypatch):
     run_dir = tmp_path / "run"
-    args = [*FAST, *data_overrides, "optimizer.lr=1e10"]
+    # Without the default run's warm-up, which starts from lr / 100 and so delays the blow-up.
+    args = [*FAST, *data_overrides, "optimizer.lr=1e10", "module.warmup_epochs=0"]
     code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
     line = assert_one_line_error(code, stderr, "the training loss became nan at step", run_dir)
     assert "lower optimizer.lr (it was 1e+10)" in line

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.cli_harness import REPO, SHARED_CIFAR
+
+# Each test times a whole benchmark section: make test-all runs them.
+pytestmark = pytest.mark.slow
 
 
 def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, cifar_archive):
@@ -47,3 +53,25 @@ def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, 
     assert any(line.startswith("| resnet20 (cifar stem, 32 px) | tensor |") for line in lines)
     assert any(line.startswith("| framework overhead |") for line in lines)
     assert f"wrote {out}" in result.stdout
+
+
+def test_inference_section_times_every_backend_at_every_batch(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "resnet_lightning.bench", "--sections", "inference"]
+    command += ["--quick", "--inference-batches", "1", "3", "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = json.loads(out.read_text())["inference"]
+    backends = ["eager", "torchscript"]  # compiled only with --compile: it takes minutes
+    if importlib.util.find_spec("onnxruntime"):
+        backends.append("onnxruntime")
+    model = "resnet20 (cifar stem, 32 px)"
+    assert [(r["model"], r["backend"], r["batch"]) for r in rows] == [
+        (model, backend, batch) for backend in backends for batch in (1, 3)
+    ]
+    assert all(r["images_per_s"] > 0 and r["ms_per_call"] > 0 and r["calls"] == 2 for r in rows)
+    table = [line for line in result.stdout.splitlines() if line.startswith(f"| {model} |")]
+    assert [line.split(" | ")[1:3] for line in table] == [
+        [backend, str(batch)] for backend in backends for batch in (1, 3)
+    ]

@@ -18,6 +18,9 @@ import yaml
 from resnet_lightning.tools.evaluate import evaluate
 from tests.cli_harness import REPO, TINY, cli_env, run_cli, without_callbacks
 
+# Each test starts several processes: make test-all runs them.
+pytestmark = pytest.mark.slow
+
 # Two processes on two CPU cores: one epoch of two batches of 8 per rank.
 DDP = [
     *TINY,

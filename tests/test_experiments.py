@@ -19,6 +19,7 @@ from tests.cli_harness import CONFIG_DIR, REPO, TINY, compose_config, run_cli
 EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
 # The single-run recipes of this project's papers, run for one step each below.
 RECIPES = [
+    "cpu_quick",
     "paper_cifar",
     "preact_resnet164",
     "wrn28_10",
@@ -124,6 +125,7 @@ def test_hparams_search_composes_when_optuna_is_installed():
     assert cfg.hydra.launcher.n_jobs == 2
 
 
+@pytest.mark.slow  # make test-all
 def test_recipes_run_a_few_steps(tmp_path, data_overrides):
     # One multirun: one process start for all recipes. One step of two 32 px images each keeps
     # the 36M-parameter WRN and ResNeXt and the 224 px fine-tuning quick; checkpoints and

@@ -63,3 +63,11 @@ def test_export_beyond_the_tolerance_is_refused_and_leaves_nothing(checkpoint, t
     (line,) = capfd.readouterr().err.strip().splitlines()[-1:]
     assert exit_info.value.code == 2 and line.startswith("error: the onnx export gives logits")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_tolerance_that_is_not_a_number_is_one_line(checkpoint, tmp_path, capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([f"ckpt_path={checkpoint}", "format=onnx", "tolerance=abc"])
+    line = capfd.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert line == "error: tolerance=abc must be a number >= 0, e.g. tolerance=1e-4"

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from resnet_lightning.callbacks.divergence import DivergenceGuard
-from resnet_lightning.errors import TrainingDivergedError
+from resnet_lightning.errors import InvalidArgument, TrainingDivergedError
 from resnet_lightning.models import create_model
 from resnet_lightning.training.module import ImageClassifier
 
@@ -134,3 +134,41 @@ def test_divergence_before_an_early_stop_still_fails_the_run(tmp_path):
     )
     with pytest.raises(TrainingDivergedError, match="became nan at step 1; training stopped"):
         trainer.fit(classifier(), train_dataloaders=loader)
+
+
+def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
+    module = classifier(
+        scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[2], gamma=0.1),
+        warmup_epochs=1,
+        warmup_start_factor=0.1,
+    )
+    seen = []
+
+    class RecordLr(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)  # 4 steps an epoch
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordLr()],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    # 0.01 -> 0.1 over the first epoch's 4 steps, the full 0.1 in epoch 2, x0.1 from epoch 3.
+    expected = [0.01, 0.0325, 0.055, 0.0775, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
+    assert seen == pytest.approx(expected)
+
+
+def test_warmup_before_onecycle_is_refused():
+    with pytest.raises(InvalidArgument, match="warmup_epochs=1.*pct_start"):
+        classifier(
+            scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.4),
+            scheduler_interval="step",
+            warmup_epochs=1,
+        )

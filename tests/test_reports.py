@@ -20,10 +20,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torchvision.models import get_model_weights
 
+from resnet_lightning.callbacks.figures import plot_parameter_counts
 from resnet_lightning.models import create_model
-from resnet_lightning.models.complexity import count_macs, count_parameters
+from resnet_lightning.models.complexity import count_macs, count_parameters, parameter_counts
 from resnet_lightning.tools.report import compare
 from resnet_lightning.tools.report.cli import main as report_main
+from resnet_lightning.tools.report.runs import find_runs
+from resnet_lightning.tools.report.summary import plot_validation_curves
 from tests.cli_harness import REPO, TINY, run_cli
 
 DEGRADATION_MODELS = ["plain20", "plain56", "resnet20", "resnet56"]
@@ -53,9 +56,12 @@ def sweep(tmp_path_factory, data_root, cifar_archive):
     return sweep_dir
 
 
-def events(run_dir) -> EventAccumulator:
+def events(run_dir, model) -> EventAccumulator:
+    # A sweep's job logs to tensorboard/<model>/: the model is what the degradation sweep varies.
+    assert [p.name for p in (run_dir / "tensorboard").iterdir()] == [model]
     accumulator = EventAccumulator(
-        str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
+        str(run_dir / "tensorboard" / model),
+        size_guidance={"scalars": 0, "images": 0, "histograms": 0},
     )
     accumulator.Reload()
     return accumulator
@@ -88,7 +94,7 @@ def test_degradation_runs_all_four_networks_in_one_command(sweep):
 
 @pytest.mark.parametrize("job, model", [("1", "plain56"), ("3", "resnet56")])
 def test_tensorboard_has_scalars_hparams_and_figures(sweep, job, model):
-    run = events(sweep / job)
+    run = events(sweep / job, model)
     tags = run.Tags()
     stages = ["conv1", "bn1", "layer1", "layer2", "layer3", "fc"]
     expected_scalars = {
@@ -171,8 +177,13 @@ def test_summary_is_a_sorted_table_and_a_plot(sweep, tmp_path, capsys):
     assert len(table) == 1 + len(DEGRADATION_MODELS)  # header + one row per job
     assert "![validation accuracy](summary_val_acc.png)" in markdown
     assert_png((tmp_path / "summary_val_acc.png").read_bytes())
+    # Two validations per job: one curve each, with markers.
+    (ax,) = plot_validation_curves(find_runs(sweep)).axes
+    assert len(ax.lines) == 4 and all(len(line.get_xdata()) == 2 for line in ax.lines)
+    assert {line.get_marker() for line in ax.lines} == {"o"}
 
 
+@pytest.mark.slow  # make test-all
 def test_summary_is_the_default_report_and_bad_directories_are_one_line(sweep, tmp_path):
     command = [sys.executable, "-m", "resnet_lightning.report"]
     done = subprocess.run([*command, str(sweep)], capture_output=True, text=True, cwd=REPO)
@@ -229,6 +240,24 @@ def test_params_report_counts_the_real_model(tmp_path):
     assert "| layer3 |" in (tmp_path / "params_resnet56.md").read_text()
 
 
+def test_params_reports_of_one_model_are_named_by_their_overrides(tmp_path):
+    assert report_main(["params", "model=resnet50", "--out", str(tmp_path)]) == 0
+    args = ["params", "model=resnet50", "model.stem=imagenet", "--out", str(tmp_path)]
+    assert report_main(args) == 0
+    cifar = read_csv(tmp_path / "params_resnet50.csv")
+    imagenet = read_csv(tmp_path / "params_resnet50_stem-imagenet.csv")
+    # The ImageNet stem's 7x7 conv1 has more weights than the CIFAR stem's 3x3.
+    assert int(imagenet[0]["parameters"]) > int(cifar[0]["parameters"])
+    assert "model.stem=imagenet" in (tmp_path / "params_resnet50_stem-imagenet.md").read_text()
+
+
+def test_parameter_chart_leaves_room_for_the_tallest_label():
+    counts = parameter_counts(create_model("resnet50", stem="imagenet"))
+    (ax,) = plot_parameter_counts(counts, "resnet50").axes
+    tallest = max(sum(c.values()) for c in counts.values()) / 1e6
+    assert ax.get_ylim()[1] >= 1.1 * tallest
+
+
 def test_params_report_rejects_an_unknown_model_in_one_line(tmp_path, capsys):
     assert report_main(["params", "model=resnet57", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -276,3 +305,5 @@ def test_compare_report_measures_on_this_machine(tmp_path):
         assert float(row["inference img/s"]) > 0 and float(row["training img/s"]) > 0
     assert_png((tmp_path / "compare.png").read_bytes())
     assert "64 px, batch 2" in (tmp_path / "compare.md").read_text()
+    # One timed iteration: the report says its speeds are noise.
+    assert "speeds are noise" in (tmp_path / "compare.md").read_text()

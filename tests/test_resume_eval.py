@@ -3,6 +3,7 @@ checkpoint save is atomic, and eval rebuilds the model from the run's own config
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -74,6 +75,7 @@ def test_seed_zero_is_used(finished_run):
     assert "Seed set to 0" in result.stderr + result.stdout
 
 
+@pytest.mark.slow  # make test-all
 def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path, data_overrides):
     uninterrupted, _ = finished_run
     run_dir = tmp_path / "run"
@@ -139,30 +141,120 @@ def test_eval_rebuilds_the_run_model_and_reproduces_its_test(finished_run, capsy
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # `python -m resnet_lightning.eval ckpt_path=...`, in this process. Built from today's
     # defaults (model=resnet50, shortcut A) the checkpoint would not even load.
-    # eval tests the whole test set unless told otherwise; the run tested 2 batches.
-    evaluation.main([f"ckpt_path={metrics['best_checkpoint']}", "trainer.limit_test_batches=2"])
+    # eval tests the whole test set unless told otherwise; the run tested 2 batches of 8.
+    ckpt = f"ckpt_path={metrics['best_checkpoint']}"
+    evaluation.main([ckpt, "trainer.limit_test_batches=2", "batch_size=8"])
     reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reported == pytest.approx({k: metrics[k] for k in TEST_KEYS}, rel=1e-6)
+
+
+def test_eval_tests_in_inference_sized_batches(finished_run, capsys):
+    run_dir, _ = finished_run
+    ckpt = f"ckpt_path={json.loads((run_dir / 'metrics.json').read_text())['best_checkpoint']}"
+    # One batch by default is the first 256 test images (the run trained in batches of 8).
+    evaluation.main([ckpt, "trainer.limit_test_batches=1"])
+    default = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluation.main([ckpt, "trainer.limit_test_batches=32", "data.batch_size=8"])
+    same_images = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert default == pytest.approx(same_images, rel=1e-5)
+
+
+def write_test_images(folder: Path, arrays, indices: range, suffix: str = ".png") -> list[Path]:
+    """Real CIFAR-10 test images (those at `indices`) as files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"test{i:02d}{suffix}" for i in indices]
+    for i, file in zip(indices, files, strict=True):
+        Image.fromarray(arrays.test_images[i].numpy()).save(file)
+    return files
 
 
 def test_predict_prints_the_top5_classes(finished_run, data_root, cifar_archive, tmp_path, capsys):
     run_dir, _ = finished_run
     arrays = load_cifar10(data_root, cifar_archive)
-    for i in range(2):
-        Image.fromarray(arrays.test_images[i].numpy()).save(tmp_path / f"test{i}.png")
+    files = write_test_images(tmp_path, arrays, range(2))
     # A picture of another size is brought to 32 px first.
     Image.fromarray(arrays.test_images[2].numpy()).resize((80, 60)).save(tmp_path / "large.jpg")
+    files.append(tmp_path / "large.jpg")
 
-    evaluation.main([f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"predict={tmp_path}"])
+    images = f"predict=[{','.join(map(str, files))}]"
+    evaluation.main([f"ckpt_path={run_dir}/checkpoints/last.ckpt", images])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(": ")[0] for line in lines] == [
-        str(tmp_path / name) for name in ("large.jpg", "test0.png", "test1.png")
-    ]
+    assert [line.split(": ")[0] for line in lines] == list(map(str, files))
     for line in lines:
         pairs = [entry.rsplit(" ", 1) for entry in line.split(": ", 1)[1].split(", ")]
         names, probabilities = [n for n, _ in pairs], [float(p) for _, p in pairs]
         assert len(names) == 5 and set(names) <= set(CLASSES)
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.001
+    assert not (tmp_path / "predictions.csv").exists()  # image files: the console only
+
+
+def test_predict_folder_writes_a_csv_of_the_top5(finished_run, data_root, cifar_archive, tmp_path):
+    run_dir, _ = finished_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    arrays = load_cifar10(data_root, cifar_archive)
+    photos = tmp_path / "photos"
+    # 20 JPEGs, two in a subfolder: batches of 8 leave a last one of 4.
+    files = write_test_images(photos, arrays, range(18), ".jpg")
+    files += write_test_images(photos / "more", arrays, range(18, 20), ".jpg")
+    (photos / "notes.txt").write_text("not an image")  # skipped: not an image suffix
+
+    result = run_cli(
+        [f"ckpt_path={ckpt}", "predict=photos", "batch_size=8"],
+        cwd=tmp_path,
+        command="resnet_lightning.eval",
+    )
+    csv_path = tmp_path / "predictions.csv"  # the default: in the current directory
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"predicted 20 images: top-5 classes in {csv_path}"
+    )
+    with csv_path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    header = ["file"] + [f"{key}{rank}" for rank in range(1, 6) for key in ("class", "prob")]
+    assert list(rows[0]) == header
+    assert sorted(row["file"] for row in rows) == sorted(
+        str(f.relative_to(tmp_path)) for f in files
+    )
+    # predict(), one image at a time, agrees with the CSV's batches of 8.
+    expected = {
+        str(p.file.relative_to(tmp_path)): p.top5
+        for p in evaluation.predict(ckpt, files, batch_size=1)
+    }
+    for row in rows:
+        names = [row[f"class{rank}"] for rank in range(1, 6)]
+        probabilities = [float(row[f"prob{rank}"]) for rank in range(1, 6)]
+        assert len(set(names)) == 5 and set(names) <= set(CLASSES)
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1 + 1e-5
+        top1, p1 = expected[row["file"]][0]
+        assert names[0] == top1 and probabilities[0] == pytest.approx(p1, rel=1e-4)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_predict_folder_with_an_unreadable_image_writes_nothing(
+    finished_run, data_root, cifar_archive, tmp_path, capfd
+):
+    run_dir, _ = finished_run
+    arrays = load_cifar10(data_root, cifar_archive)
+    write_test_images(tmp_path / "photos", arrays, range(3), ".jpg")
+    broken = tmp_path / "photos" / "test02.jpg"  # in the second batch
+    broken.write_bytes(broken.read_bytes()[:20])  # truncated
+    out = tmp_path / "out" / "predictions.csv"
+    args = [f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"predict={tmp_path / 'photos'}"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([*args, f"output={out}", "batch_size=2"])
+    (line,) = capfd.readouterr().err.strip().splitlines()[-1:]
+    assert exit_info.value.code == 2
+    assert (
+        line.startswith(f"error: could not read image {broken} (") and "nothing was written" in line
+    )
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([*args, "batch_size=0"])
+    assert exit_info.value.code == 2 and capfd.readouterr().err.strip() == (
+        "error: batch_size=0 must be a positive whole number, e.g. batch_size=256"
+    )
 
 
 def test_checkpoint_of_another_model_is_refused(
@@ -217,7 +309,7 @@ def test_checkpoint_written_before_the_layered_layout_evaluates_and_resumes(
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
 
-    evaluation.main([f"ckpt_path={old}", "trainer.limit_test_batches=2"])
+    evaluation.main([f"ckpt_path={old}", "trainer.limit_test_batches=2", "batch_size=8"])
     reported = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert reported == pytest.approx({k: metrics[k] for k in TEST_KEYS}, rel=1e-6)
 
@@ -263,7 +355,11 @@ def test_run_directory_written_before_the_layered_layout_evaluates_and_resumes(
 
 @pytest.mark.parametrize(
     ("pipeline", "signum"),
-    [("torchvision", signal.SIGTERM), ("tensor", signal.SIGUSR1), ("tensor", signal.SIGINT)],
+    [
+        pytest.param("torchvision", signal.SIGTERM, marks=pytest.mark.slow),
+        ("tensor", signal.SIGUSR1),
+        pytest.param("tensor", signal.SIGINT, marks=pytest.mark.slow),
+    ],
     ids=["torchvision-SIGTERM", "tensor-SIGUSR1", "tensor-SIGINT"],
 )
 def test_signal_mid_epoch_checkpoints_and_resumes_to_the_uninterrupted_result(

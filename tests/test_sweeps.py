@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from resnet_lightning.tools.report.cli import main as report_main
+from resnet_lightning.tools.report.runs import find_runs
+from resnet_lightning.tools.report.summary import plot_validation_curves
 from tests.cli_harness import REPO, TINY, run_cli, without_callbacks
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweep]'")
@@ -40,6 +42,13 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path, data_overr
     assert len({lr for _, lr in trials}) == 3  # each trial drew its own learning rate
     assert report_main([str(sweep)]) == 0
     assert len((sweep / "summary.csv").read_text().splitlines()) == 1 + 3
+    # One validation per job: bars, which cannot hide each other as single points do.
+    (ax,) = plot_validation_curves(find_runs(sweep)).axes
+    assert len(ax.patches) == 3 and not ax.lines
+    assert [round(b.get_height(), 4) for b in ax.patches] == [
+        round(100 * json.loads((sweep / j / "metrics.json").read_text())["val/acc"], 4)
+        for j in ("0", "1", "2")
+    ]
 
 
 def test_parallel_launcher_runs_jobs_side_by_side_with_loader_workers(tmp_path, data_overrides):

@@ -171,6 +171,7 @@ def test_the_data_set_is_held_once_as_uint8(data_root, cifar_archive):
         assert 180e6 < nbytes < 190e6  # 60,000 x 32 x 32 x 3
 
 
+@pytest.mark.slow  # make test-all
 def test_fast94_recipe_runs_through_the_cli(tmp_path, data_overrides):
     """The whole fast94 recipe (ResNet-9, tensor pipeline on the training device, bf16,
     channels-last, cutout, label smoothing, test-time flips) for a few steps on this machine."""
@@ -190,6 +191,7 @@ def test_fast94_recipe_runs_through_the_cli(tmp_path, data_overrides):
     assert "pipeline: tensor" in saved and "precision: bf16-mixed" in saved
 
 
+@pytest.mark.slow  # make test-all
 def test_ddp_run_with_the_tensor_pipeline(tmp_path, data_overrides):
     """Two gloo processes, each loading its shard on its own; equal lengths keep them in step."""
     run_dir = tmp_path / "run"

@@ -29,7 +29,22 @@ def scalar_tags(run_dir) -> set[str]:
 
 def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_overrides):
     run_dir = tmp_path / "run"
-    run_cli(["model=resnet18", *TINY, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    args = ["model=resnet18", *TINY, *data_overrides, "callbacks.run_estimate.steps=1"]
+    done = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    shown = done.stdout + done.stderr
+    # The start says where the run goes and, on a CPU, names the quick CPU recipe; the time
+    # estimate follows the first timed step, and again the first epoch.
+    assert f"Run directory: {run_dir}" in shown
+    assert (
+        "Training on the CPU" in shown
+        and "python -m resnet_lightning experiment=cpu_quick" in shown
+    )
+    assert "Estimated training time:" in shown and "4 steps to go" in shown
+    assert "Epoch took" in shown and "the 1 epoch to go" in shown
+    assert "Epoch 0/" not in shown  # epochs count from 1 on the progress bar
+    assert "Total FLOPs: 0" not in shown and "Tip" not in shown
+    log = (run_dir / "train.log").read_text()
+    assert "Estimated training time:" in log
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert METRIC_KEYS <= metrics.keys()
@@ -71,8 +86,11 @@ def test_multirun_gives_one_complete_directory_per_job(tmp_path, data_overrides)
         assert metrics.keys() >= METRIC_KEYS
         # No checkpoint callback here: val/acc is the last validation's, read before testing.
         assert 0.0 <= metrics["val/acc"] <= 1.0, metrics
-        lrs.add(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"])
-        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        lr = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"]
+        lrs.add(lr)
+        # TensorBoard names the job by its model and the override the sweep varies.
+        assert [p.name for p in (job / "tensorboard").iterdir()] == [f"resnet20,optimizer.lr={lr}"]
+        assert list((job / "tensorboard" / f"resnet20,optimizer.lr={lr}").glob("events.out.*"))
     assert lrs == {0.1, 0.05}
 
 
@@ -153,6 +171,7 @@ def test_onecycle_is_sized_from_the_real_step_count(tmp_path, data_overrides):
     assert state["lr_schedulers"][0]["total_steps"] == 6  # 2 epochs x 3 batches
 
 
+@pytest.mark.slow  # make test-all
 def test_runs_started_at_once_never_share_a_directory(tmp_path, data_overrides):
     # Each names its directory as conf/hydra/default.yaml does, by a time stamp that is the
     # same for all of them here: they start in the same second.
@@ -198,7 +217,10 @@ def test_runs_started_at_once_never_share_a_directory(tmp_path, data_overrides):
         assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
 
 
-@pytest.mark.parametrize("no_logger", ["logger=[]", "~logger", "logger=null"])
+@pytest.mark.parametrize(
+    "no_logger",
+    ["logger=[]", *(pytest.param(a, marks=pytest.mark.slow) for a in ("~logger", "logger=null"))],
+)
 def test_runs_without_a_logger_still_write_metrics(no_logger, tmp_path, data_overrides):
     run_dir = tmp_path / "run"
     quick = [*TINY, "model=resnet20", "trainer.max_epochs=1", *data_overrides]
@@ -214,6 +236,7 @@ def test_a_group_without_a_choice_is_one_line(tmp_path):
     assert line.startswith("error: model=null: model needs a choice, one of: alexnet,")
 
 
+@pytest.mark.slow  # make test-all
 def test_train_log_holds_what_the_console_showed(tmp_path, data_overrides):
     run_dir, failed_dir = tmp_path / "run", tmp_path / "failed"
     quick = [*TINY, "model=resnet20", "trainer.max_epochs=1", *data_overrides]
@@ -232,6 +255,7 @@ def test_train_log_holds_what_the_console_showed(tmp_path, data_overrides):
     assert (failed_dir / "train.log").read_text().strip().splitlines()[-1].endswith(error)
 
 
+@pytest.mark.slow  # make test-all
 def test_console_has_the_model_summary_flops_and_no_noise(tmp_path, data_overrides):
     quick = [a for a in TINY if a != "callbacks.model_summary=null"]
     quick += ["model=resnet20", "trainer.max_epochs=1", *data_overrides]

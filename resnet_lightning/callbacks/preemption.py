@@ -42,6 +42,14 @@ class CheckpointOnSignal(L.Callback):
             for signum in (signal.SIGINT, signal.SIGUSR1):
                 self._previous[signum] = signal.signal(signum, self._stop_as_on_sigterm)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A schedule sized from trainer.estimated_stepping_batches (one-cycle, warm-up) sets
+        # the training data up in configure_optimizers, before the checkpoint is restored;
+        # Lightning's setup_data then returns early and never hands the loader its saved
+        # position, and a mid-epoch resume would start the epoch over. Hand it over here,
+        # before the first batch is drawn (a no-op unless resuming with a saved position).
+        trainer.fit_loop._load_combined_loader_states()
+
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum

@@ -1,6 +1,6 @@
 """`python -m resnet_lightning.bench`: how fast the data paths, the models and the framework are.
 
-Three measurements; each figure is taken in the same run as the figures it is compared with.
+Four measurements; each figure is taken in the same run as the figures it is compared with.
 
 1. pipeline: input images/s of the torchvision/PIL path (DataLoader workers) against
    the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any.
@@ -9,6 +9,10 @@ Three measurements; each figure is taken in the same run as the figures it is co
    (ResNet-50 at 224 px, fp32, PIL pipeline with 2 workers) as the baseline.
 3. overhead: one model, data and batch size through the plain loop and through
    `python -m resnet_lightning` with its default callbacks; the ratio of epoch times.
+4. inference: images/s of a randomly initialised network with the CIFAR stem at 32 px on the
+   CPU, at batch 1 and 256, run eagerly, torch.compile'd (with --compile: compiling takes
+   minutes per model on a small CPU), traced to TorchScript and exported to ONNX and run in
+   onnxruntime (both through tools/export.py's exporters).
 
 Prints markdown tables and writes everything to a JSON file (`--json`).
 """
@@ -17,32 +21,36 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from resnet_lightning.atomic_files import write_json
 from resnet_lightning.callbacks.epoch_timer import EpochTimer
 from resnet_lightning.data import CifarDataModule
+from resnet_lightning.errors import UsageError
 from resnet_lightning.models import create_model
+from resnet_lightning.tools.export import EXPORTERS, without_grad
 from resnet_lightning.tools.plain_loop import fit, run_epoch
 from resnet_lightning.tools.report.output import markdown_table
 from resnet_lightning.training.config import compose_config, instantiate_group
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("pipeline", "train", "overhead")
+SECTIONS = ("pipeline", "train", "overhead", "inference")
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overhead-epochs", type=int, default=3, help="the first is warm-up")
     parser.add_argument("--overhead-batches", type=int, default=30, help="per epoch; 0: all")
     parser.add_argument("--overhead-rounds", type=int, default=2, help="runs of each, alternated")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--inference-models", nargs="+", choices=sorted(MODELS))
+    parser.add_argument("--inference-batches", type=int, nargs="+", help="default: 1 256")
+    parser.add_argument(
+        "--inference-seconds", type=float, default=2.0, help="time per inference row, at least"
+    )
+    parser.add_argument(
+        "--inference-calls", type=int, default=3, help="timed calls per inference row, at least"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="inference: also torch.compile'd (compiling takes minutes per model on a small CPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch (and onnxruntime) intra-op threads (default: torch's)",
+    )
     parser.add_argument("--json", type=Path, help="default: outputs/bench/<date>_<time>.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -106,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = args.steps or 2
         args.overhead_batch, args.overhead_epochs, args.overhead_batches = 16, 2, 2
         args.overhead_rounds = 1
+        args.inference_models = args.inference_models or ["resnet20"]
+        args.inference_batches = args.inference_batches or [1, 8]
+        args.inference_seconds, args.inference_calls = 0.0, 2
+    args.inference_models = args.inference_models or ["resnet20", "resnet50"]
+    args.inference_batches = args.inference_batches or [1, 256]
     if args.devices is None:
         args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     if "cuda" in args.devices and not torch.cuda.is_available():
@@ -130,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         report["train"] = bench_training(args)
     if "overhead" in args.sections:
         report["overhead"] = bench_overhead(args)
+    if "inference" in args.sections:
+        report["inference"] = bench_inference(args)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(markdown(report))
     path = args.json or REPO / "outputs" / "bench" / f"{started:%Y-%m-%d_%H-%M-%S}.json"
@@ -147,6 +179,10 @@ def machine() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["onnxruntime"] = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        pass
     return info
 
 
@@ -413,7 +449,72 @@ def plain_epochs(
     )
 
 
-# The columns of the pipeline and train tables: title -> key of each JSON row.
+INFERENCE_BACKENDS = ("eager", "compiled", "torchscript", "onnxruntime")
+
+
+def bench_inference(args: argparse.Namespace) -> list[dict]:
+    backends = [b for b in INFERENCE_BACKENDS if b != "compiled" or args.compile]
+    rows = []
+    for name in args.inference_models:
+        # Every model as the configs build it (conf/model/_resnet.yaml: stem: cifar) at 32 px.
+        spec = replace(MODELS[name], stem="cifar", image_size=32)
+        torch.manual_seed(0)
+        net = create_model(spec.name, stem=spec.stem).eval()
+        # A batch of 2: torch.export would fix a dynamic batch size that it sees as 1.
+        example = torch.randn(2, 3, spec.image_size, spec.image_size)
+        with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+            for backend in backends:
+                start = time.perf_counter()
+                try:
+                    run = inference_runner(backend, net, example, Path(tmp))
+                except UsageError as err:  # onnxruntime not installed
+                    print(f"inference {backend}: skipped, {err}", flush=True)
+                    continue
+                setup_s = time.perf_counter() - start
+                for batch in args.inference_batches:
+                    images = torch.randn(batch, 3, spec.image_size, spec.image_size)
+                    timing = time_calls(run, images, args.inference_seconds, args.inference_calls)
+                    row = {"model": spec.label, "backend": backend, "batch": batch, **timing}
+                    rows.append({**row, "setup_s": round(setup_s, 2)})
+                    print(f"inference {spec.label} {backend} batch {batch} done", flush=True)
+    return rows
+
+
+def inference_runner(
+    backend: str, net: nn.Module, example: Tensor, tmp: Path
+) -> Callable[[Tensor], Tensor]:
+    """`net` run by `backend`; the exported ones written to `tmp` and loaded again."""
+    if backend == "onnxruntime":
+        return EXPORTERS["onnx"](net, example, tmp / "model.onnx")
+    if backend == "torchscript":
+        return EXPORTERS["torchscript"](net, example, tmp / "model.ts.pt")
+    # dynamic=False: each batch size gets kernels specialised to it, as a fixed-size server's.
+    return without_grad(torch.compile(net, dynamic=False) if backend == "compiled" else net)
+
+
+def time_calls(run: Callable[[Tensor], Tensor], images: Tensor, seconds: float, calls: int) -> dict:
+    """Images/s from the median call, after two warm-up calls (the first compiles, TorchScript
+    optimises on the second); timed calls continue until `calls` and `seconds` are reached.
+    The median, because other processes on the machine only slow some calls down."""
+    start = time.perf_counter()
+    run(images)
+    first_call_s = time.perf_counter() - start
+    run(images)
+    times: list[float] = []
+    while len(times) < calls or sum(times) < seconds:
+        start = time.perf_counter()
+        run(images)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "images_per_s": round(len(images) / median, 1),
+        "ms_per_call": round(median * 1000, 2),
+        "calls": len(times),
+        "first_call_s": round(first_call_s, 3),
+    }
+
+
+# The columns of the pipeline, train and inference tables: title -> key of each JSON row.
 TABLE_COLUMNS = {
     "pipeline": {
         "pipeline": "pipeline",
@@ -432,6 +533,14 @@ TABLE_COLUMNS = {
         "images/s": "images_per_s",
         "peak MB": "peak_memory_mb",
     },
+    "inference": {
+        "model": "model",
+        "backend": "backend",
+        "batch": "batch",
+        "images/s": "images_per_s",
+        "ms/call": "ms_per_call",
+        "first call s": "first_call_s",
+    },
 }
 
 
@@ -440,9 +549,16 @@ def markdown(report: dict) -> str:
     lines = [
         f"machine: {m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
         + (f", {m['gpu']}" if "gpu" in m else "")
-        + f"; torch {m['torch']}; {report['date']}",
+        + f"; torch {m['torch']}"
+        + (f", onnxruntime {m['onnxruntime']}" if "onnxruntime" in m else "")
+        + f"; {report['date']}",
     ]
-    rate = {"images/s": "{:,.0f}".format, "peak MB": "{:,}".format}
+    rate = {
+        "images/s": "{:,.0f}".format,
+        "peak MB": "{:,}".format,
+        "ms/call": "{:,.1f}".format,
+        "first call s": "{:.2f}".format,
+    }
     for section, columns in TABLE_COLUMNS.items():
         if section in report:
             rows = [{title: r[key] for title, key in columns.items()} for r in report[section]]

@@ -2,21 +2,33 @@
 
     python -m resnet_lightning.eval ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt
     python -m resnet_lightning.eval ckpt_path=<ckpt> predict=cat.png     # top-5 classes
-    python -m resnet_lightning.eval ckpt_path=<ckpt> predict=photos/     # every image in a folder
     python -m resnet_lightning.eval ckpt_path=<ckpt> 'predict=[a.png,b.jpg]'
+    python -m resnet_lightning.eval ckpt_path=<ckpt> predict=photos/     # -> predictions.csv
+    python -m resnet_lightning.eval ckpt_path=<ckpt> predict=photos/ output=photos.csv batch_size=64
 
-Other `key=value` arguments override the run's saved config: `data.path=...`, `data.root=...`,
-`data.batch_size=256`, `trainer.accelerator=cpu`. The whole test set is tested even when the
-run's own test was limited to a few batches (`trainer.limit_test_batches=2` to limit it again).
-The checkpoint is loaded with
-`weights_only=True`; no run files are written (the data cache in data.root, as by any run).
+Image files are predicted on the console, one line each. A folder (every image under it, in
+sorted order) is predicted into a CSV instead: `output=<file.csv>`, by default
+`predictions.csv` in the current directory (replaced if it exists); `output=` also sends
+single files there. Its columns are `file` and then `class1,prob1,...,class5,prob5`, the
+top-5 classes (the checkpoint's class names) with their softmax probabilities, highest first.
+Images go through the network `batch_size` at a time (default 256), with a progress bar on
+stderr. The CSV is written whole at the end: an image that cannot be read stops the command
+with an error naming it, and no CSV is written.
+
+Testing and predicting go `batch_size` images at a time, 256 by default, not the run's
+training batch size (inference keeps no activations for a backward pass, so batches this large
+fit, and run faster). Other `key=value` arguments override the run's saved config:
+`data.path=...`, `data.root=...`, `trainer.accelerator=cpu`. The whole test set is tested even
+when the run's own test was limited to a few batches (`trainer.limit_test_batches=2` to limit
+it again). The checkpoint is loaded with `weights_only=True`; no run files are written (the
+data cache in data.root, as by any run).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,8 +37,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from torchvision.transforms import v2
 
+from resnet_lightning.atomic_files import write_atomic
 from resnet_lightning.callbacks.checkpoints import (
     RunRecord,
     check_checkpoint_fits,
@@ -34,6 +49,7 @@ from resnet_lightning.callbacks.checkpoints import (
 )
 from resnet_lightning.data.cifar import IMAGE_SUFFIXES
 from resnet_lightning.errors import CheckpointError, UsageError, one_line_errors
+from resnet_lightning.tools.report.output import csv_text
 from resnet_lightning.training.config import instantiate_group, trusted_saved_config
 from resnet_lightning.training.module import ImageClassifier
 
@@ -46,6 +62,8 @@ EVAL_TRAINER = {
     "accelerator": "auto",
     "limit_test_batches": 1.0,
 }
+BATCH = 256
+DEFAULT_CSV = "predictions.csv"
 
 
 class TrainedRun(NamedTuple):
@@ -67,24 +85,74 @@ def evaluate(ckpt_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, 
     return {k: float(v) for k, v in metrics.items()}
 
 
+class Prediction(NamedTuple):
+    """An image file and its top-5 (class name, probability), most probable first."""
+
+    file: Path
+    top5: list[tuple[str, float]]
+
+
 def predict(
-    ckpt_path: str | Path, images: Sequence[str | Path], overrides: Sequence[str] = ()
-) -> list[tuple[Path, list[tuple[str, float]]]]:
+    ckpt_path: str | Path,
+    images: Sequence[str | Path],
+    overrides: Sequence[str] = (),
+    batch_size: int = BATCH,
+) -> list[Prediction]:
     """The top-5 (class, probability) of each image file, or of each image in a folder."""
-    cfg, module, class_names = load_trained_run(ckpt_path, overrides)
-    # Any picture is first brought to CIFAR's 32 px, then through the run's test transform.
-    transform = instantiate_group(cfg, "data").transform(train=False)
+    run = load_trained_run(ckpt_path, overrides)
+    return [p for batch in predict_batches(run, _image_files(images), batch_size) for p in batch]
+
+
+def predict_to_csv(
+    ckpt_path: str | Path,
+    images: Sequence[str | Path],
+    output: str | Path = DEFAULT_CSV,
+    overrides: Sequence[str] = (),
+    batch_size: int = BATCH,
+) -> tuple[Path, int]:
+    """Write the top-5 of every image to the CSV `output`; return it and the image count."""
+    output = Path(output)
+    if output.is_dir():
+        raise UsageError(f"output={output} is a folder; name a file, e.g. output={output}/x.csv")
+    run = load_trained_run(ckpt_path, overrides)
     files = _image_files(images)
-    tensors = [transform(v2.functional.resize(_open_image(f), [32, 32])) for f in files]
-    module.eval()
-    with torch.inference_mode():
-        batches = [torch.stack(tensors[i : i + 64]) for i in range(0, len(tensors), 64)]
-        probabilities = torch.cat([module.predict_logits(b).softmax(dim=1) for b in batches])
-    top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
-    return [
-        (file, [(class_names[c], float(p)) for p, c in zip(values, classes, strict=True)])
-        for file, values, classes in zip(files, top.values, top.indices, strict=True)
-    ]
+    rows = []
+    # On stderr, so that stdout holds only the summary line.
+    columns = [*Progress.get_default_columns(), MofNCompleteColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("predicting", total=len(files))
+        for batch in predict_batches(run, files, batch_size):
+            rows += [_csv_row(p) for p in batch]
+            progress.advance(task, len(batch))
+    write_atomic(output, csv_text(rows))
+    return output, len(rows)
+
+
+def predict_batches(
+    run: TrainedRun, files: Sequence[Path], batch_size: int = BATCH
+) -> Iterator[list[Prediction]]:
+    """The predictions of `files`, `batch_size` images at a time: only one batch is in memory."""
+    # Any picture is first brought to CIFAR's 32 px, then through the run's test transform.
+    transform = instantiate_group(run.cfg, "data").transform(train=False)
+    module = run.module.eval()
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images = [transform(v2.functional.resize(_open_image(f), [32, 32])) for f in chunk]
+        with torch.inference_mode():
+            probabilities = module.predict_logits(torch.stack(images)).softmax(dim=1)
+        top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+        yield [
+            Prediction(file, [(run.class_names[c], float(p)) for p, c in zip(ps, cs, strict=True)])
+            for file, ps, cs in zip(chunk, top.values, top.indices, strict=True)
+        ]
+
+
+def _csv_row(prediction: Prediction) -> dict[str, str]:
+    row = {"file": str(prediction.file)}
+    for rank, (name, probability) in enumerate(prediction.top5, start=1):
+        # Six significant digits: enough to rank, and tiny probabilities stay non-zero.
+        row |= {f"class{rank}": name, f"prob{rank}": f"{probability:.6g}"}
+    return row
 
 
 def load_trained_run(ckpt_path: str | Path, overrides: Sequence[str] = ()) -> TrainedRun:
@@ -165,7 +233,10 @@ def _open_image(path: Path) -> Image.Image:
     try:
         return Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise UsageError(f"could not read image {path} ({err}); pass .png/.jpg images") from None
+        raise UsageError(
+            f"could not read image {path} ({err}); nothing was written: remove it or pass "
+            ".png/.jpg images"
+        ) from None
 
 
 def key_value_args(argv: Sequence[str], doc: str, required: str) -> dict[str, str]:
@@ -182,19 +253,40 @@ def key_value_args(argv: Sequence[str], doc: str, required: str) -> dict[str, st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m resnet_lightning.eval ckpt_path=... [predict=...] [key=value ...]`."""
+    """`python -m resnet_lightning.eval ckpt_path=... [predict=... output=...] [key=value ...]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with one_line_errors():
         args = key_value_args(argv, __doc__, "ckpt_path=<file.ckpt>")
         ckpt_path, images = args.pop("ckpt_path"), args.pop("predict", None)
+        output, batch_size = args.pop("output", None), args.pop("batch_size", None)
         overrides = [f"{k}={v}" for k, v in args.items()]
+        batch_size = _positive_int("batch_size", BATCH if batch_size is None else batch_size)
         if images is None:
-            print(json.dumps(evaluate(ckpt_path, overrides)))
+            if output is not None:
+                raise UsageError("output= goes with predict=<images or folder>")
+            # data.batch_size, when given, comes later and wins.
+            print(json.dumps(evaluate(ckpt_path, [f"data.batch_size={batch_size}", *overrides])))
             return
         images = OmegaConf.from_dotlist([f"images={images}"]).images  # one path or a [list]
         images = list(images) if OmegaConf.is_list(images) else [images]
-        for file, top5 in predict(ckpt_path, images, overrides):
-            print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in top5))
+        if output is None and not any(Path(i).is_dir() for i in images):
+            for file, top5 in predict(ckpt_path, images, overrides, batch_size):
+                print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in top5))
+            return
+        path, count = predict_to_csv(
+            ckpt_path, images, output or DEFAULT_CSV, overrides, batch_size
+        )
+        print(f"predicted {count} images: top-5 classes in {path.resolve()}")
+
+
+def _positive_int(key: str, value: str | int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"{key}={value} must be a positive whole number, e.g. {key}=256")
+    return number
 
 
 if __name__ == "__main__":

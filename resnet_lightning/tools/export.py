@@ -108,7 +108,10 @@ def _onnx(net: nn.Module, images: Tensor, path: Path) -> Callable[[Tensor], Tens
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(net, (images,), dynamo=True, dynamic_shapes=({0: batch},))
     program.save(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    # As many threads as torch, so that the benchmark (tools/bench.py) compares like with like.
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
@@ -116,16 +119,18 @@ def _onnx(net: nn.Module, images: Tensor, path: Path) -> Callable[[Tensor], Tens
 def _torchscript(net: nn.Module, images: Tensor, path: Path) -> Callable[[Tensor], Tensor]:
     torch.jit.trace(net, images).save(str(path))
     loaded = torch.jit.load(str(path))
-    return _no_grad(loaded)
+    return without_grad(loaded)
 
 
 def _exported_program(net: nn.Module, images: Tensor, path: Path) -> Callable[[Tensor], Tensor]:
     batch = torch.export.Dim("batch", min=1, max=65536)
     torch.export.save(torch.export.export(net, (images,), dynamic_shapes=({0: batch},)), path)
-    return _no_grad(torch.export.load(path).module())
+    return without_grad(torch.export.load(path).module())
 
 
-def _no_grad(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def without_grad(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """`model` called under torch.inference_mode."""
+
     def run(x: Tensor) -> Tensor:
         with torch.inference_mode():
             return model(x)
@@ -136,6 +141,16 @@ def _no_grad(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported_program": _exported_program}
 
 
+def _tolerance(value: str) -> float:
+    try:
+        tolerance = float(value)
+    except ValueError:
+        tolerance = -1.0
+    if not tolerance >= 0:  # NaN too
+        raise UsageError(f"tolerance={value} must be a number >= 0, e.g. tolerance=1e-4")
+    return tolerance
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m resnet_lightning.export ckpt_path=... format=... [out=...] [key=value ...]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -143,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         required = "ckpt_path=<file.ckpt> format=onnx|torchscript|exported_program"
         args = key_value_args(argv, __doc__, required)
         ckpt_path, file_format = args.pop("ckpt_path"), args.pop("format")
-        out, tolerance = args.pop("out", None), float(args.pop("tolerance", 1e-4))
+        out, tolerance = args.pop("out", None), _tolerance(args.pop("tolerance", "1e-4"))
         overrides = [f"{k}={v}" for k, v in args.items()]
         path, description = export(ckpt_path, file_format, out, tolerance, overrides)
         print(json.dumps({"file": str(path), **description["parity"]}))

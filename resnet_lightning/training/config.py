@@ -15,13 +15,17 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resnet_lightning.errors import (
+    TARGET_EXTRAS,
     InvalidArgument,
     UsageError,
     find_usage_error,
@@ -97,14 +101,54 @@ def with_null_groups(overrides: Sequence[str]) -> list[str]:
     return result
 
 
+def sweep_label() -> str:
+    """In a multirun job: its model and the values of the overrides the sweep varies, e.g.
+    `resnet56,optimizer.lr=0.05`, so that TensorBoard tells the jobs apart by name
+    (`version: ${sweep_label:}` in conf/logger/tensorboard.yaml); "" outside a multirun.
+
+    The varied keys are those given with sweep syntax on the command line (`a=1,2`, `range()`,
+    ...), as the sweep's multirun.yaml keeps them, and those of the sweeper's search space
+    (`hydra.sweeper.params`: Optuna's, or an experiment's such as degradation).
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    hydra = HydraConfig.get()
+    parser = OverridesParser.create()
+    varied = list((hydra.sweeper.get("params") or {}).keys())
+    multirun = Path(hydra.sweep.dir) / "multirun.yaml"
+    if multirun.is_file():
+        command_line = OmegaConf.load(multirun).hydra.overrides.task
+        varied += [
+            o.get_key_element()
+            for o in parser.parse_overrides(list(command_line))
+            if o.is_sweep_override()
+        ]
+    job = {
+        o.get_key_element(): o.value() for o in parser.parse_overrides(list(hydra.overrides.task))
+    }
+    parts = [hydra.runtime.choices.get("model", "")]
+    parts += [f"{key}={job[key]}" for key in dict.fromkeys(varied) if key in job and key != "model"]
+    return ",".join(p for p in parts if p).replace("/", "-")
+
+
+OmegaConf.register_new_resolver("sweep_label", sweep_label)
+
+
 def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate` of the group `key`; bad arguments are a UsageError naming it."""
+    node = OmegaConf.select(cfg, key)
     try:
-        return instantiate(OmegaConf.select(cfg, key), **kwargs)
+        return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if find_usage_error(cause) is not None or cause is None:
             raise
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(cause, ModuleNotFoundError) and target in TARGET_EXTRAS:
+            raise UsageError(
+                f"{key} ({target.rsplit('.', 1)[-1]}) needs a package that is not installed; "
+                f"pip install -e '.[{TARGET_EXTRAS[target]}]'"
+            ) from None
         if isinstance(cause, InvalidArgument):
             raise UsageError(f"{key}.{cause}") from None
         if is_unsafe_pickle(cause):

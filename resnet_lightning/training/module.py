@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -37,6 +38,11 @@ class ImageClassifier(L.LightningModule):
             of the optimizer's (fine-tuning pretrained weights gently while the new head
             learns fast). A network built with `freeze_backbone` trains its head alone, and
             its frozen BatchNorm layers keep their pretrained running statistics.
+        warmup_epochs: raise the learning rate linearly from `warmup_start_factor` times its
+            value to the full value over this many epochs (fractions allowed), stepped per
+            batch, under whatever schedule follows (multistep, cosine: torch's LinearLR,
+            chained with it). 0: no warm-up.
+        warmup_start_factor: the fraction of the learning rate the warm-up starts from.
     """
 
     def __init__(
@@ -49,11 +55,25 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         test_time_flip: bool = False,
         backbone_lr_scale: float = 1.0,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.01,
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
             raise InvalidArgument(
                 "scheduler_interval", scheduler_interval, "is not 'epoch' or 'step'"
+            )
+        if warmup_epochs < 0:
+            raise InvalidArgument("warmup_epochs", warmup_epochs, "is negative; 0 turns it off")
+        if not 0 < warmup_start_factor <= 1:
+            raise InvalidArgument("warmup_start_factor", warmup_start_factor, "is not in (0, 1]")
+        if warmup_epochs and scheduler is not None and _needs_total_steps(scheduler):
+            # OneCycleLR sets the learning rate outright each step: the warm-up would be lost.
+            raise InvalidArgument(
+                "warmup_epochs",
+                warmup_epochs,
+                "cannot precede a one-cycle schedule, which warms up by itself "
+                "(scheduler.pct_start); set module.warmup_epochs=0",
             )
         # The network and factories are rebuilt from the run's Hydra config, not pickled here.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -140,20 +160,29 @@ class ImageClassifier(L.LightningModule):
         optimizer = self.optimizer_factory([{"params": params} for params, _ in groups])
         for group, (_, scale) in zip(optimizer.param_groups, groups, strict=True):
             group["lr"] *= scale
-        if self.scheduler_factory is None:
-            return optimizer
-        kwargs = {}
-        if _needs_total_steps(self.scheduler_factory):
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        max_lr = getattr(self.scheduler_factory, "keywords", {}).get("max_lr")
-        if max_lr is not None:  # OneCycleLR sets every group's lr from max_lr: scale it per group
-            kwargs["max_lr"] = [max_lr * scale for _, scale in groups]
-        scheduler = self.scheduler_factory(optimizer, **kwargs)
-        interval = self.hparams.scheduler_interval
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
-        }
+        schedulers = [self._warmup(optimizer)] if self.hparams.warmup_epochs else []
+        if self.scheduler_factory is not None:
+            kwargs = {}
+            if _needs_total_steps(self.scheduler_factory):
+                kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            max_lr = getattr(self.scheduler_factory, "keywords", {}).get("max_lr")
+            if max_lr is not None:  # OneCycleLR sets every group's lr from max_lr: scale it
+                kwargs["max_lr"] = [max_lr * scale for _, scale in groups]
+            scheduler = self.scheduler_factory(optimizer, **kwargs)
+            schedulers.append({"scheduler": scheduler, "interval": self.hparams.scheduler_interval})
+        return ([optimizer], schedulers) if schedulers else optimizer
+
+    def _warmup(self, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+        """LinearLR over the warm-up's steps. It multiplies the learning rate, as MultiStepLR
+        and CosineAnnealingLR do, so the two compose when each steps at its own interval."""
+        # Reading it sets the training data up, so that its number of batches is known.
+        _ = self.trainer.estimated_stepping_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        steps_per_epoch = math.ceil(self.trainer.num_training_batches / accumulate)
+        steps = max(round(self.hparams.warmup_epochs * steps_per_epoch), 1)
+        start = self.hparams.warmup_start_factor
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start, 1.0, total_iters=steps)
+        return {"scheduler": warmup, "interval": "step", "name": "warmup"}
 
 
 def _needs_total_steps(factory: Callable) -> bool:

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -63,6 +63,8 @@ HPARAM_KEYS = (
     "trainer.precision",
     "trainer.devices",
 )
+# What an MLflow run keeps of the run directory, as artifacts (checkpoints: log_model).
+RUN_FILES = ("metrics.json", "train.log", ".hydra")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -135,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
         log.info("Run directory: %s", cfg.paths.output_dir)
+        finish_loggers(trainer, Path(cfg.paths.output_dir))
     log_final_hparams(trainer, cfg, metrics)
     return metrics
 
@@ -251,6 +254,21 @@ def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, An
             # trainer.test closed the writer: this writes a second events file, then closes it.
             logger.log_hyperparams(tensorboard_hparams(cfg), final, step=trainer.global_step)
             logger.finalize("success")
+
+
+def finish_loggers(trainer: L.Trainer, run_dir: Path) -> None:
+    """What Lightning's loggers leave undone at the end of a run: MLflow gets the run
+    directory's files, and the W&B run is closed, as the next job of a multirun would
+    otherwise log into it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            for path in (run_dir / name for name in RUN_FILES):
+                if path.is_dir():
+                    logger.experiment.log_artifacts(logger.run_id, str(path), path.name)
+                elif path.exists():
+                    logger.experiment.log_artifact(logger.run_id, str(path))
+        elif isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

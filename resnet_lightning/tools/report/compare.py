@@ -13,6 +13,7 @@ pass e.g. --batch-size 128 --iters 20.
 from __future__ import annotations
 
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from resnet_lightning.models.complexity import count_macs, count_parameters
 from .output import thousands, write_report
 
 MODELS = ("resnet50", "vgg16", "googlenet", "alexnet", "densenet121")
+# Fewer timed iterations than this and a speed is mostly noise: the report says so.
+RELIABLE_ITERS = 10
 # The torchvision architecture whose published accuracy belongs beside each zoo model: the
 # zoo's VGG-16 has batch norm, torchvision's vgg16_bn.
 TORCHVISION_NAMES = {"vgg16": "vgg16_bn"}
@@ -187,6 +190,15 @@ def write_comparison(
         "backward, SGD step) images per second on random images; ImageNet accuracy as\n"
         "torchvision publishes it for the named weights."
     )
+    notes = ""
+    if iters < RELIABLE_ITERS:
+        notes = (
+            f"With {iters} timed iteration(s) the speeds are noise (one late step moves them by "
+            f"tens of percent): use --iters {RELIABLE_ITERS} or more for figures to quote."
+        )
+        print(f"warning: {notes}", file=sys.stderr)
     title = "ResNet-50 against the networks it was compared to"
     figure = plot_comparison(rows, setup)
-    return write_report(out, "compare", title, text, rows, formats, figure, "comparison")
+    return write_report(
+        out, "compare", title, text, rows, formats, figure, "comparison", notes=notes
+    )

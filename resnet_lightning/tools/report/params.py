@@ -6,6 +6,7 @@ figure.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -48,15 +49,29 @@ def build_model(overrides: list[str]) -> tuple[nn.Module, str]:
     return model, cfg.model.name
 
 
+def file_label(overrides: list[str], name: str) -> str:
+    """The overrides as a file name, so that two models' reports do not overwrite each other:
+    [model=resnet50, model.stem=imagenet] -> resnet50_stem-imagenet."""
+    parts = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "model":
+            continue
+        parts.append(f"{key.removeprefix('model.')}-{value}")
+    label = "_".join([name, *parts])
+    return re.sub(r"[^A-Za-z0-9._-]+", "", label.replace("/", "-").replace(",", "-"))
+
+
 def write_params_report(overrides: list[str], out: Path) -> list[Path]:
-    """params_<model>.md/.csv/.png in `out` for the model that `overrides` configure."""
+    """params_<model>[_<key>-<value>...].md/.csv/.png in `out` for the model that `overrides`
+    configure (named after them, so that reports of the same model do not overwrite others)."""
     model, name = build_model(overrides)
     counts = parameter_counts(model)
     rows = parameter_rows(counts)
     label = " ".join(overrides) or f"model={name}"
     total = rows[-1]["parameters"]
     figure = plot_parameter_counts(counts, f"{name}: {total / 1e6:.2f}M parameters")
-    stem = f"params_{name}"
+    stem = "params_" + file_label(overrides, name)
     formats = {k: thousands for k in rows[0] if k not in ("stage", "share")}
     text = (
         f"`python -m resnet_lightning.report params {label}`: {total:,} parameters, per\n"

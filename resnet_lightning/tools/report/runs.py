@@ -84,9 +84,11 @@ def varying_overrides(runs: list[Run]) -> list[str]:
 def read_scalars(run: Run, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of `tags`, from the run's TensorBoard events or else its CSV log."""
     series: dict[str, list[tuple[int, float]]] = {tag: [] for tag in tags}
-    tensorboard_dir = run.path / "tensorboard"
+    # tensorboard/ of a run; tensorboard/<model>,<overrides>/ of a multirun job.
+    found = sorted((run.path / "tensorboard").glob("**/events.out.tfevents.*"))
+    tensorboard_dir = found[0].parent if found else None
     csv_file = run.path / "csv" / "metrics.csv"
-    if any(tensorboard_dir.glob("events.out.tfevents.*")):
+    if tensorboard_dir is not None:
         events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
         events.Reload()
         available = set(events.Tags()["scalars"])

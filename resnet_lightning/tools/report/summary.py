@@ -53,21 +53,31 @@ def job_label(run: Run, varying: list[str]) -> str:
 
 
 def plot_validation_curves(runs: list[Run]) -> Figure:
-    """Validation accuracy against optimizer steps, one line per job."""
+    """Validation accuracy against optimizer steps, one line per job; one bar per job when
+    no job has more than one validation (a 1-epoch sweep's points would hide each other)."""
     varying = varying_overrides(runs)
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
-    for run in runs:
-        points = read_scalars(run, ["val/acc"])["val/acc"]
-        if points:
+    curves = {job_label(run, varying): read_scalars(run, ["val/acc"])["val/acc"] for run in runs}
+    curves = {label: points for label, points in curves.items() if points}
+    if curves and max(len(points) for points in curves.values()) == 1:
+        labels = list(curves)
+        values = [100 * points[-1][1] for points in curves.values()]
+        ax.bar(range(len(labels)), values)
+        ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, max(values) * 1.12 or 1)
+        ax.set_title("validation accuracy (one validation per job)")
+    else:
+        for label, points in curves.items():
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, [100 * v for v in values], marker=".", label=job_label(run, varying))
-    ax.set_xlabel("optimizer steps")
+            ax.plot(steps, [100 * v for v in values], marker="o", markersize=4, label=label)
+        ax.set_xlabel("optimizer steps")
+        ax.set_title("validation accuracy over training")
+        if ax.lines:
+            ax.legend(fontsize=8)
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("validation accuracy over training")
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
     return figure
 
 

@@ -1,0 +1,118 @@
+"""The optional loggers through the real CLI: MLflow into a local SQLite store, read back with
+its own client; W&B offline, with nothing sent; several loggers at once; and the one-line error
+when a logger's package is missing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli_harness import REPO, TINY, run_cli, run_main, without_callbacks
+
+QUICK = [*TINY, "model=resnet20", "trainer.max_epochs=1", *without_callbacks("lr_monitor")]
+
+
+def mlflow_overrides(tmp_path) -> tuple[str, list[str]]:
+    """A store of the test's own, so that no test writes outputs/mlflow.db."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, [
+        f"logger.mlflow.tracking_uri={uri}",
+        f"logger.mlflow.artifact_location={tmp_path}/mlflow-artifacts",
+    ]
+
+
+def the_mlflow_run(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (experiment,) = client.search_experiments(filter_string="name = 'resnet-lightning'")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def test_mlflow_store_holds_params_metrics_and_run_files(tmp_path, data_overrides):
+    pytest.importorskip("mlflow", reason="pip install -e '.[mlflow]'")
+    run_dir = tmp_path / "run"
+    uri, store = mlflow_overrides(tmp_path)
+    run_cli(
+        [*QUICK, *data_overrides, "logger=mlflow", *store, f"hydra.run.dir={run_dir}"], cwd=REPO
+    )
+
+    client, run = the_mlflow_run(uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "resnet20"
+    assert run.data.tags["run_dir"] == str(run_dir)
+    params = run.data.params
+    assert params["model/name"] == "resnet20" and float(params["optimizer/lr"]) == 0.1
+    assert params["label_smoothing"] == "0.0"  # the module's own hparams, logged by Lightning
+
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [0, 1, 2]  # every step of the 3-batch epoch
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert {"val/acc", "train/loss_epoch"} <= run.data.metrics.keys()
+    assert any(key.startswith("lr-SGD") for key in run.data.metrics)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "train.log", ".hydra"} <= artifacts
+    hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, ".hydra")}
+    assert ".hydra/config.yaml" in hydra_files
+    local = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))
+    assert json.loads(open(local).read()) == metrics
+
+
+@pytest.mark.slow  # make test-all
+def test_tensorboard_and_mlflow_together(tmp_path, data_overrides):
+    pytest.importorskip("mlflow", reason="pip install -e '.[mlflow]'")
+    run_dir = tmp_path / "run"
+    uri, store = mlflow_overrides(tmp_path)
+    both = ["logger=[tensorboard,mlflow]", *store]
+    run_cli([*QUICK, *data_overrides, *both, f"hydra.run.dir={run_dir}"], cwd=REPO)
+
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    _, run = the_mlflow_run(uri)
+    assert "test/acc" in run.data.metrics and run.info.status == "FINISHED"
+
+
+def test_wandb_writes_an_offline_run_into_each_run_directory(tmp_path, data_overrides, monkeypatch):
+    pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    # Online, it would need a key it does not have, and a server at a closed port.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    sweep_dir = tmp_path / "sweep"
+    # Two jobs in one process: the second must start a W&B run of its own, not reuse the first.
+    args = ["-m", "seed=1,2", *QUICK, *data_overrides, "logger=wandb"]
+    run_cli([*args, f"hydra.sweep.dir={sweep_dir}"], cwd=REPO)
+
+    for run_dir in (sweep_dir / "0", sweep_dir / "1"):
+        (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+        assert list(offline_run.glob("run-*.wandb"))
+        assert not list((run_dir / "wandb").glob("run-*"))  # no online run was started
+        assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("logger", "module", "flag"),
+    [("mlflow", "mlflow", "_MLFLOW_AVAILABLE"), ("wandb", "wandb", "_WANDB_AVAILABLE")],
+)
+def test_a_missing_logger_package_names_its_extra(
+    logger, module, flag, tmp_path, capfd, monkeypatch
+):
+    # What Lightning's logger does when its package is not installed.
+    monkeypatch.setattr(f"lightning.pytorch.loggers.{module}.{flag}", False)
+    code, err = run_main(
+        ["trainer=cpu", "model=resnet20", f"logger={logger}", f"hydra.run.dir={tmp_path}/run"],
+        capfd,
+        monkeypatch,
+    )
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    name = {"mlflow": "MLFlowLogger", "wandb": "WandbLogger"}[logger]
+    assert line == (
+        f"error: logger.{logger} ({name}) needs a package that is not installed; "
+        f"pip install -e '.[{logger}]'"
+    )
