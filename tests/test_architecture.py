@@ -122,11 +122,19 @@ def test_entry_points_are_thin():
     ("command", "expected"),
     [
         (["resnet_lightning", "--help"], "Powered by Hydra"),
-        (["resnet_lightning.eval", "--help"], "ckpt_path="),
-        (["resnet_lightning.report", "--help"], "{summary,params,compare,degradation}"),
-        (["resnet_lightning.report", "params", "--help"], "config overrides"),
-        (["resnet_lightning.bench", "--help"], "--sections"),
-        (["resnet_lightning.export", "--help"], "format=onnx"),
+        pytest.param(["resnet_lightning.eval", "--help"], "ckpt_path=", marks=pytest.mark.slow),
+        pytest.param(
+            ["resnet_lightning.report", "--help"],
+            "{summary,params,compare,degradation}",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["resnet_lightning.report", "params", "--help"],
+            "config overrides",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["resnet_lightning.bench", "--help"], "--sections", marks=pytest.mark.slow),
+        pytest.param(["resnet_lightning.export", "--help"], "format=onnx", marks=pytest.mark.slow),
         # The model zoo's table, a row per model as it is counted.
         pytest.param(
             ["resnet_lightning.models"],

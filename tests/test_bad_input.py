@@ -76,6 +76,7 @@ def test_bad_value_is_one_line(override, expected, tmp_path, data_overrides, cap
     assert_one_line_error(code, stderr, expected, run_dir)
 
 
+@pytest.mark.slow  # make test-all
 def test_unknown_model_from_the_shell_lists_the_models(tmp_path):
     result = run_cli(["model=resnet999", f"hydra.run.dir={tmp_path}/run"], cwd=REPO, check=False)
     # Fails while composing the config: the error line is all that is printed.

@@ -183,6 +183,7 @@ class Zeros(io.RawIOBase):
         return n
 
 
+@pytest.mark.slow  # make test-all
 def test_archive_that_expands_to_a_gigabyte_is_refused_before_it_is_read(tmp_path):
     bomb = tmp_path / "bomb.tar.gz"  # about 1 MB on disk
     with tarfile.open(bomb, "w:gz", compresslevel=1) as tar:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from resnet_lightning.callbacks.host_syncs import SyncCount
@@ -30,6 +31,7 @@ def test_one_hot_range_check_is_not_counted():
     assert count.ops == {}
 
 
+@pytest.mark.slow  # make test-all
 def test_training_steps_read_nothing_back_between_log_steps(tmp_path, data_overrides):
     run_dir = tmp_path / "run"
     args = [

@@ -75,6 +75,7 @@ def test_tensorboard_and_mlflow_together(tmp_path, data_overrides):
     assert "test/acc" in run.data.metrics and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # make test-all
 def test_wandb_writes_an_offline_run_into_each_run_directory(tmp_path, data_overrides, monkeypatch):
     pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from resnet_lightning.tools import evaluate as evaluation
-from tests.cli_harness import REPO, TINY, run_cli
+from tests.cli_harness import REPO, TINY, run_cli, run_main
 
 
 def test_ema_weights_are_what_checkpoints_test_and_eval_use(tmp_path, data_overrides, capsys):
@@ -38,14 +38,12 @@ def test_ema_weights_are_what_checkpoints_test_and_eval_use(tmp_path, data_overr
     assert reported["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
 
-def test_ema_decay_out_of_range_is_one_line(tmp_path, data_overrides):
-    done = run_cli(
-        ["callbacks=ema", "callbacks.ema.decay=1.5", *TINY, *data_overrides],
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
+def test_ema_decay_out_of_range_is_one_line(tmp_path, data_overrides, capfd, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = ["callbacks=ema", "callbacks.ema.decay=1.5", *TINY, *data_overrides]
+    code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
         "error: callbacks.ema.decay=1.5 must be in (0, 1), e.g. 0.999"
     )
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()

@@ -94,6 +94,7 @@ def test_multirun_gives_one_complete_directory_per_job(tmp_path, data_overrides)
     assert lrs == {0.1, 0.05}
 
 
+@pytest.mark.slow  # make test-all
 def test_missing_data_is_one_line_and_nonzero(tmp_path):
     result = run_cli(
         [
