@@ -22,18 +22,23 @@ def classifier(**kwargs) -> ImageClassifier:
     return ImageClassifier(net, sgd, **kwargs)
 
 
-def fit_two_steps(module: ImageClassifier) -> None:
+def fit_on_random_images(module: ImageClassifier, batch_size: int, **trainer_args) -> None:
+    """Fit on 16 random images, with a bare Trainer (no logger, checkpoints or bars)."""
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=2,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_args,
     )
     trainer.fit(module, train_dataloaders=loader)
+
+
+def fit_two_steps(module: ImageClassifier) -> None:
+    fit_on_random_images(module, batch_size=8, max_steps=2)
 
 
 def test_backbone_gets_its_own_learning_rate():
@@ -148,18 +153,9 @@ def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
         def on_train_batch_start(self, trainer, *args):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    loader = DataLoader(TensorDataset(images, labels), batch_size=4)  # 4 steps an epoch
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[RecordLr()],
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    fit_on_random_images(
+        module, batch_size=4, max_epochs=3, callbacks=[RecordLr()]
+    )  # 4 steps/epoch
     # 0.01 -> 0.1 over the first epoch's 4 steps, the full 0.1 in epoch 2, x0.1 from epoch 3.
     expected = [0.01, 0.0325, 0.055, 0.0775, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
     assert seen == pytest.approx(expected)

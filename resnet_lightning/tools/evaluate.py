@@ -10,10 +10,9 @@ Image files are predicted on the console, one line each. A folder (every image u
 sorted order) is predicted into a CSV instead: `output=<file.csv>`, by default
 `predictions.csv` in the current directory (replaced if it exists); `output=` also sends
 single files there. Its columns are `file` and then `class1,prob1,...,class5,prob5`, the
-top-5 classes (the checkpoint's class names) with their softmax probabilities, highest first.
-Images go through the network `batch_size` at a time (default 256), with a progress bar on
-stderr. The CSV is written whole at the end: an image that cannot be read stops the command
-with an error naming it, and no CSV is written.
+top-5 classes (the checkpoint's class names) with their softmax probabilities, highest first,
+with a progress bar on stderr. The CSV is written whole at the end: an image that cannot be
+read stops the command with an error naming it, and no CSV is written.
 
 Testing and predicting go `batch_size` images at a time, 256 by default, not the run's
 training batch size (inference keeps no activations for a backward pass, so batches this large
