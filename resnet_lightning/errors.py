@@ -20,7 +20,12 @@ from contextlib import contextmanager
 
 from hydra.errors import CompactHydraException, MissingConfigException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 # The errors of a file system that a user fixes (free space, permissions), not a bug.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -63,9 +68,11 @@ class InvalidArgument(ValueError):
 
 
 def find_usage_error(err: BaseException | None) -> UsageError | None:
-    """The UsageError behind `err`, looking through wrappers (Hydra's InstantiationException)."""
+    """The UsageError behind `err`, looking through wrappers (Hydra's InstantiationException,
+    and OmegaConf's error for a resolver that raised, which keeps it as the context only)."""
     while err is not None and not isinstance(err, UsageError):
-        err = err.__cause__
+        wrapped = isinstance(err, InterpolationResolutionError)
+        err = err.__cause__ or (err.__context__ if wrapped else None)
     return err
 
 

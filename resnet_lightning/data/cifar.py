@@ -1,4 +1,4 @@
-"""CIFAR-10 as uint8 tensors, decoded once and cached.
+"""CIFAR-10 and CIFAR-100 as uint8 tensors, decoded once and cached.
 
 Sources: torchvision's checksummed download, or `path`: an image-folder tree
 (`train/<class>/*`, `test/<class>/*`) or a .tar / .tar.gz / .zip of one. Archives are read
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
+import torchvision.datasets
 from PIL import Image, UnidentifiedImageError
 
 from resnet_lightning.atomic_files import write_atomic
@@ -27,6 +28,8 @@ from resnet_lightning.errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 # The split folders of an image-folder tree or archive.
 TREE_SPLITS = ("train", "test")
+# The data sets torchvision downloads (checksummed), by the name `dataset` takes.
+TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 # Bumped whenever the cache layout changes, so stale caches are rebuilt rather than misread.
 CACHE_VERSION = 2
 
@@ -62,8 +65,21 @@ def load_cifar10(
     limits: ReadLimits = ReadLimits(),
 ) -> CifarArrays:
     """Return CIFAR-10 from the cache under `root`, building the cache on first use."""
+    return load_cifar(root, path, limits, "cifar10")
+
+
+def load_cifar(
+    root: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    limits: ReadLimits = ReadLimits(),
+    dataset: str = "cifar10",
+) -> CifarArrays:
+    """Return `dataset` (a key of TORCHVISION_SETS) from the cache under `root`, building the
+    cache on first use; `path` replaces torchvision's download."""
+    if dataset not in TORCHVISION_SETS:
+        raise DataError(f"dataset={dataset!r} is unknown; use one of {', '.join(TORCHVISION_SETS)}")
     root = Path(root).expanduser()
-    cache = root / f"cifar10-{_source_key(path)}.pt"
+    cache = root / f"{dataset}-{source_key(path)}.pt"
     if cache.exists():
         try:
             return CifarArrays(**torch.load(cache, weights_only=True, mmap=True))
@@ -76,7 +92,10 @@ def load_cifar10(
         raise DataError(
             f"cannot create data.root={root} ({err}); set data.root to a writable folder"
         ) from None
-    arrays = _read_torchvision(root) if path is None else _read_image_tree(Path(path), limits)
+    if path is None:
+        arrays = _read_torchvision(root, dataset)
+    else:
+        arrays = _read_image_tree(Path(path), limits)
     try:  # atomic: a killed run never leaves a half-written cache
         write_atomic(cache, lambda file: torch.save(vars(arrays), file))
     except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as RuntimeError
@@ -87,14 +106,15 @@ def load_cifar10(
     return arrays
 
 
-def _source_key(path: str | os.PathLike | None) -> str:
+def source_key(path: str | os.PathLike | None) -> str:
+    """A name for what `path` holds now (its files' names, sizes and times), for caches."""
     if path is None:
         return f"torchvision-v{CACHE_VERSION}"
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise DataError(
-            f"data.path={path} does not exist; point data.path at a CIFAR-10 image-folder tree "
-            "or archive, or set data.path=null to download CIFAR-10 into data.root"
+            f"data.path={path} does not exist; point data.path at an image-folder tree or "
+            "archive (or, for CIFAR, set data.path=null to download it into data.root)"
         )
     # A folder's own size and time do not change when an image inside it does: key on all.
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -103,17 +123,17 @@ def _source_key(path: str | os.PathLike | None) -> str:
     return f"{path.name.split('.')[0]}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
-def _read_torchvision(root: Path) -> CifarArrays:
-    from torchvision.datasets import CIFAR10
-
+def _read_torchvision(root: Path, dataset: str) -> CifarArrays:
+    # torchvision checks the download's md5s; CIFAR100's targets are its 100 fine labels.
+    reader = getattr(torchvision.datasets, TORCHVISION_SETS[dataset])
     try:
-        train = CIFAR10(str(root), train=True, download=True)
-        test = CIFAR10(str(root), train=False, download=True)
+        train = reader(str(root), train=True, download=True)
+        test = reader(str(root), train=False, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         raise DataError(
-            f"CIFAR-10 is not in {root} and downloading it failed ({err}); point data.path at a "
-            "copy: an image-folder tree (train/<class>/*, test/<class>/*) or a .tar/.tar.gz/.zip "
-            "of one, e.g. data.path=/data/cifar10-jpeg.tar.gz"
+            f"{reader.__name__} is not in {root} and downloading it failed ({err}); point "
+            "data.path at a copy: an image-folder tree (train/<class>/*, test/<class>/*) or a "
+            ".tar/.tar.gz/.zip of one, e.g. data.path=/data/cifar10-jpeg.tar.gz"
         ) from err
     return CifarArrays(
         train_images=torch.from_numpy(train.data),
@@ -128,7 +148,7 @@ def _read_image_tree(path: Path, limits: ReadLimits) -> CifarArrays:
     """Decode every image of a tree or archive, keyed by the split and class folders."""
     images: dict[str, list[tuple[str, str, bytes]]] = {split: [] for split in TREE_SPLITS}
     try:
-        for name, data in _iter_files(path, _is_image, limits):
+        for name, data in iter_files(path, _is_image, limits):
             parts = PurePosixPath(name).parts
             # The split folder may sit under a top folder (cifar10/train/cat/0001.jpg).
             for i, part in enumerate(parts[:-2]):
@@ -139,7 +159,7 @@ def _read_image_tree(path: Path, limits: ReadLimits) -> CifarArrays:
         if not classes or not images["test"]:
             raise DataError(
                 f"{path} has no train/<class>/<image> and test/<class>/<image> files; "
-                "point data.path at a CIFAR-10 image-folder tree or an archive of one"
+                "point data.path at a CIFAR image-folder tree or an archive of one"
             )
         unknown = {cls for cls, _, _ in images["test"]} - set(classes)
         if unknown:
@@ -180,7 +200,7 @@ def _decode(path: Path, name: str, data: bytes) -> torch.Tensor:
             f"{path}: {name} is not a readable image ({reason}); remove or replace that file"
         ) from None
     if size != (32, 32):
-        raise DataError(f"{name} is {size[0]}x{size[1]}, CIFAR-10 images are 32x32")
+        raise DataError(f"{name} is {size[0]}x{size[1]}, CIFAR images are 32x32")
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
 
 
@@ -188,12 +208,12 @@ def _is_image(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _iter_files(
+def iter_files(
     path: Path, wanted: Callable[[str], bool], limits: ReadLimits
 ) -> Iterator[tuple[str, bytes]]:
     """(relative posix name, bytes) of every regular file of a folder or an archive whose
     name is `wanted` (the others are not read), each within `limits` before it is read."""
-    budget = _Budget(path, limits)
+    budget = ReadBudget(path, limits)
     if path.is_dir():
         for file in sorted(path.rglob("*")):
             if file.is_file() and wanted(name := file.relative_to(path).as_posix()):
@@ -203,8 +223,8 @@ def _iter_files(
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if stat.S_ISLNK(info.external_attr >> 16):
-                    raise _link_refused(path, info.filename)
-                if not info.is_dir() and wanted(name := _safe_name(path, info.filename)):
+                    raise link_refused(path, info.filename)
+                if not info.is_dir() and wanted(name := safe_name(path, info.filename)):
                     budget.take(name, info.file_size)
                     with archive.open(info) as member:  # stops at the size it declared
                         yield name, member.read(info.file_size)
@@ -212,8 +232,8 @@ def _iter_files(
         with tarfile.open(path) as archive:
             for member in archive:
                 if member.issym() or member.islnk():
-                    raise _link_refused(path, member.name)
-                if member.isfile() and wanted(name := _safe_name(path, member.name)):
+                    raise link_refused(path, member.name)
+                if member.isfile() and wanted(name := safe_name(path, member.name)):
                     budget.take(name, member.size)
                     yield name, archive.extractfile(member).read()
                 archive.members.clear()  # tarfile keeps every header read; streamed, none is needed
@@ -224,7 +244,7 @@ def _iter_files(
         )
 
 
-class _Budget:
+class ReadBudget:
     """Counts the bytes a read takes against ReadLimits, refusing a file before it is read."""
 
     def __init__(self, path: Path, limits: ReadLimits):
@@ -242,18 +262,18 @@ class _Budget:
             raise DataError(
                 f"{self.path}: its images add up to more than data.max_total_gb="
                 f"{self.limits.max_total_gb:g} (at {name}); raise data.max_total_gb if the data "
-                "set really is that large and fits in memory"
+                "set really is that large (CIFAR: and fits in memory)"
             )
 
 
-def _link_refused(archive: Path, name: str) -> DataError:
+def link_refused(archive: Path, name: str) -> DataError:
     return DataError(
         f"{archive} holds a link ({name}); links are refused in data archives, repack it with "
         "plain files"
     )
 
 
-def _safe_name(archive: Path, name: str) -> str:
+def safe_name(archive: Path, name: str) -> str:
     posix = PurePosixPath(name.replace("\\", "/"))
     if posix.is_absolute() or ".." in posix.parts:
         raise DataError(

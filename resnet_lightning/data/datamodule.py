@@ -13,15 +13,16 @@ from torchvision.transforms import v2
 
 from resnet_lightning.errors import DataError, InvalidArgument
 
-from .cifar import CifarArrays, ReadLimits, load_cifar10
+from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
 from .sampling import ResumableDataLoader, ResumableSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
 PIPELINES = ("torchvision", "tensor")
-# Per-channel statistics of the training images, and torchvision's ImageNet ones for
-# networks whose pretrained weights expect them.
+# Per-channel statistics of the training images (CIFAR-10's, CIFAR-100's), and torchvision's
+# ImageNet ones for networks whose pretrained weights expect them.
 NORMALIZATION = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
@@ -57,11 +58,54 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(method)
 
 
+def seeded_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices of `n` items: `val_size` of them held out, drawn from `seed` alone."""
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training images (the set has {n})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+def image_loader(
+    dataset: Dataset,
+    train: bool,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    trainer: L.Trainer | None,
+) -> DataLoader:
+    """The DataLoader of a map-style data set of (image, label) items, decoded in workers.
+
+    Training is shuffled by (seed, epoch) so that a resumed run sees the same batches, and
+    resumable part-way through an epoch; under DDP each rank gets its shard. The loader's own
+    generator keeps its draws off the global RNG.
+    """
+    seed = run_seed()
+    rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+    sampler = ResumableSampler(dataset, seed, rank, world_size) if train else None
+    if sampler is not None and trainer is not None:
+        # Workers fetch ahead as soon as the loader is iterated, before Lightning sets the
+        # epoch: a resumed run's loader starts at its epoch.
+        sampler.set_epoch(trainer.current_epoch)
+    return (ResumableDataLoader if train else DataLoader)(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=train,
+        num_workers=num_workers,
+        multiprocessing_context=worker_context() if num_workers else None,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
 class CifarDataModule(L.LightningDataModule):
-    """CIFAR-10 (or any 32 px image-folder data set) with a seeded validation split.
+    """CIFAR-10, CIFAR-100 (or any 32 px image-folder data set) with a seeded validation split.
 
     Args:
         root: cache folder; torchvision downloads here when `path` is None.
+        dataset: "cifar10" or "cifar100" (its 100 fine labels): what torchvision downloads.
         path: an image-folder tree or .tar/.tar.gz/.zip of one, used instead of the download.
         num_classes: expected number of classes; checked against the data.
         batch_size: per device (under DDP each process loads this many).
@@ -85,6 +129,7 @@ class CifarDataModule(L.LightningDataModule):
         self,
         root: str = "data",
         path: str | None = None,
+        dataset: str = "cifar10",
         num_classes: int = 10,
         batch_size: int = 128,
         num_workers: int = 2,
@@ -111,6 +156,10 @@ class CifarDataModule(L.LightningDataModule):
             raise InvalidArgument(
                 "normalization", normalization, f"is unknown; use one of {', '.join(NORMALIZATION)}"
             )
+        if dataset not in TORCHVISION_SETS:
+            raise InvalidArgument(
+                "dataset", dataset, f"is unknown; use one of {', '.join(TORCHVISION_SETS)}"
+            )
         if pipeline not in PIPELINES:
             raise InvalidArgument(
                 "pipeline", pipeline, f"is unknown; use one of {', '.join(PIPELINES)}"
@@ -133,30 +182,26 @@ class CifarDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and decodes into the cache.
-        load_cifar10(self.hparams.root, self._path(), self.read_limits)
+        self._load()
 
     def setup(self, stage: str | None = None) -> None:
         if self.arrays is not None:
             return
-        self.arrays = load_cifar10(self.hparams.root, self._path(), self.read_limits)
+        self.arrays = self._load()
         found = len(self.arrays.classes)
         if found != self.hparams.num_classes:
             raise DataError(
                 f"the data has {found} classes but data.num_classes={self.hparams.num_classes}; "
                 f"set data.num_classes={found}"
             )
-        n_train, val_size = len(self.arrays.train_labels), self.hparams.val_size
-        if val_size >= n_train:
-            raise DataError(
-                f"data.val_size={val_size} leaves no training images (the set has {n_train})"
-            )
-        generator = torch.Generator().manual_seed(self.hparams.split_seed)
-        order = torch.randperm(n_train, generator=generator)
-        self.train_index, self.val_index = order[val_size:], order[:val_size]
+        self.train_index, self.val_index = seeded_split(
+            len(self.arrays.train_labels), self.hparams.val_size, self.hparams.split_seed
+        )
 
-    def _path(self) -> str | None:
+    def _load(self) -> CifarArrays:
         path = self.hparams.path
-        return os.path.expanduser(path) if path else None
+        path = os.path.expanduser(path) if path else None
+        return load_cifar(self.hparams.root, path, self.read_limits, self.hparams.dataset)
 
     def transform(self, train: bool) -> v2.Transform:
         mean, std = NORMALIZATION[self.hparams.normalization]
@@ -171,6 +216,10 @@ class CifarDataModule(L.LightningDataModule):
             area = (self.hparams.cutout / 32) ** 2
             steps.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
         return v2.Compose(steps)
+
+    def predict_transform(self) -> v2.Transform:
+        """Any picture, as a test image: first brought to CIFAR's 32 px."""
+        return v2.Compose([v2.Resize((32, 32), antialias=True), self.transform(train=False)])
 
     def _split(
         self, split: str, arrays: CifarArrays
@@ -229,28 +278,14 @@ class CifarDataModule(L.LightningDataModule):
                 return self.tensor_loader(split)
             device = trainer.strategy.root_device
             return self.tensor_loader(split, device, trainer.global_rank, trainer.world_size)
-        workers = self.hparams.num_workers
-        dataset, seed = self._dataset(split), run_seed()
-        train, trainer = split == "train", self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        # Shuffled by (seed, epoch) so that a resumed run sees the same batches, and resumable
-        # part-way through an epoch; the loader's own generator keeps its draws off the global
-        # RNG.
-        sampler = ResumableSampler(dataset, seed, rank, world_size) if train else None
-        if sampler is not None and trainer is not None:
-            # Workers fetch ahead as soon as the loader is iterated, before Lightning sets the
-            # epoch: a resumed run's loader starts at its epoch.
-            sampler.set_epoch(trainer.current_epoch)
-        return (ResumableDataLoader if train else DataLoader)(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(seed),
-            drop_last=train,
-            num_workers=workers,
-            multiprocessing_context=worker_context() if workers else None,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
+        hp = self.hparams
+        return image_loader(
+            self._dataset(split),
+            split == "train",
+            hp.batch_size,
+            hp.num_workers,
+            hp.pin_memory,
+            self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader | TensorLoader:

@@ -38,7 +38,6 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
-from torchvision.transforms import v2
 
 from resnet_lightning.atomic_files import write_atomic
 from resnet_lightning.callbacks.checkpoints import (
@@ -46,7 +45,7 @@ from resnet_lightning.callbacks.checkpoints import (
     check_checkpoint_fits,
     load_checkpoint_file,
 )
-from resnet_lightning.data.cifar import IMAGE_SUFFIXES
+from resnet_lightning.data.image_folder import IMAGE_SUFFIXES, to_rgb
 from resnet_lightning.errors import CheckpointError, UsageError, one_line_errors
 from resnet_lightning.tools.report.output import csv_text
 from resnet_lightning.training.config import instantiate_group, trusted_saved_config
@@ -131,12 +130,12 @@ def predict_batches(
     run: TrainedRun, files: Sequence[Path], batch_size: int = BATCH
 ) -> Iterator[list[Prediction]]:
     """The predictions of `files`, `batch_size` images at a time: only one batch is in memory."""
-    # Any picture is first brought to CIFAR's 32 px, then through the run's test transform.
-    transform = instantiate_group(run.cfg, "data").transform(train=False)
+    # The data's own way with a picture of any size: CIFAR's brings it to 32 px first.
+    transform = instantiate_group(run.cfg, "data").predict_transform()
     module = run.module.eval()
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        images = [transform(v2.functional.resize(_open_image(f), [32, 32])) for f in chunk]
+        images = [transform(_open_image(f)) for f in chunk]
         with torch.inference_mode():
             probabilities = module.predict_logits(torch.stack(images)).softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
@@ -230,7 +229,8 @@ def _image_files(images: Sequence[str | Path]) -> list[Path]:
 
 def _open_image(path: Path) -> Image.Image:
     try:
-        return Image.open(path).convert("RGB")
+        with Image.open(path) as image:
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError) as err:
         raise UsageError(
             f"could not read image {path} ({err}); nothing was written: remove it or pass "

@@ -24,6 +24,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from resnet_lightning.data import image_folder_classes
+from resnet_lightning.data.cifar import ReadLimits
 from resnet_lightning.errors import (
     TARGET_EXTRAS,
     InvalidArgument,
@@ -132,6 +134,17 @@ def sweep_label() -> str:
 
 
 OmegaConf.register_new_resolver("sweep_label", sweep_label)
+
+
+def data_classes(*, _parent_: DictConfig) -> int:
+    """The number of class folders of the data config's `path` (an archive extracted into its
+    `root` first), so that `num_classes: ${image_folder_classes:}` in conf/data/imagefolder.yaml
+    sizes the model's head from the data (`model.num_classes: ${data.num_classes}`)."""
+    limits = ReadLimits(_parent_.max_image_mb, _parent_.max_total_gb)
+    return image_folder_classes(_parent_.path, _parent_.root, limits)
+
+
+OmegaConf.register_new_resolver("image_folder_classes", data_classes)
 
 
 def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:

@@ -1,0 +1,419 @@
+"""Your own images: an image-folder tree or archive of any classes, sizes and formats, read as a
+list of files and decoded item by item in the DataLoader workers (nothing held in memory).
+
+Layouts (the class folders sorted, as torchvision's ImageFolder sorts them):
+
+    train/<class>/*  and  val/<class>/*  and/or  test/<class>/*
+    <class>/*        (one tree: data.val_size of it held out for validation)
+
+An archive (.tar, .tar.gz, .zip) is extracted once into data.root, through a temporary folder
+renamed when complete; its entries are read as cifar.py reads them (no links, no absolute or
+`..` names, within ReadLimits), and it is refused before anything is written when it cannot
+fit on that disk. Every image is decoded once, in the first run on a set of files, and the
+unreadable ones are skipped and counted in one warning (cached, keyed by the files' names,
+sizes and times, so later runs do not decode them all again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from resnet_lightning.atomic_files import write_json
+from resnet_lightning.errors import DataError, InvalidArgument
+
+from .cifar import ReadLimits, iter_files, source_key
+from .datamodule import NORMALIZATION, image_loader, seeded_split, worker_context
+
+log = logging.getLogger(__name__)
+
+# The folders a tree may be split into; validation falls back on test/ and test on val/.
+SPLIT_FOLDERS = ("train", "val", "test")
+# What a file of an image folder (or a predict= folder) may be: what PIL reads.
+IMAGE_SUFFIXES = IMG_EXTENSIONS
+# Bumped whenever the extracted or checked layout changes, so that old caches are not misread.
+CACHE_VERSION = 1
+# Left free on the cache's disk besides the extracted archive: logs, checkpoints, the OS.
+DISK_MARGIN = 2**30
+
+
+class ImageFiles(Dataset):
+    """(image, label) items of a list of (file, class index), each file decoded when asked for."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        file, label = self.samples[i]
+        with Image.open(file) as image:
+            return self.transform(to_rgb(image)), label
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode PIL reads as 8-bit RGB: grey, RGBA, palette (transparency included), CMYK,
+    and 16-bit grey scaled to 8 bits (PIL's own conversion clips it to white)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        pixels = np.asarray(image, dtype=np.int64) >> 8
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # what PIL asks for palette transparency
+    return image.convert("RGB")
+
+
+def prepare_tree(path: str | os.PathLike, root: str | os.PathLike, limits: ReadLimits) -> Path:
+    """The folder holding the data set: `path` itself, or its archive extracted under `root`
+    (once), descended into a lone top folder (mydata/train/...)."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        tree = path
+    else:  # the key refuses a path that does not exist
+        tree = _extracted(path, Path(root).expanduser(), source_key(path), limits)
+    while True:
+        entries = [e for e in tree.iterdir() if not e.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in SPLIT_FOLDERS:
+            return tree
+        inner = [e for e in entries[0].iterdir() if not e.name.startswith(".")]
+        if not any(e.is_dir() for e in inner):  # a lone class folder: keep it a class
+            return tree
+        tree = entries[0]
+
+
+def split_folders(tree: Path) -> dict[str, Path]:
+    """{"train": ..., "val": ..., "test": ...} of a split tree (val and test each standing in
+    for the other when one is missing), or {"all": tree} for a single tree of classes."""
+    found = {s: tree / s for s in SPLIT_FOLDERS if (tree / s).is_dir()}
+    if "train" not in found:
+        if found:
+            raise DataError(
+                f"{tree} has {'/'.join(found)}/ but no train/; add train/<class>/ images, or "
+                "point data.path at a single tree of <class>/ folders"
+            )
+        return {"all": tree}
+    if len(found) == 1:
+        raise DataError(
+            f"{tree} has train/ but no val/ or test/; add one, or point data.path at "
+            "train/ alone (a tree of <class>/ folders) to split it with data.val_size"
+        )
+    found.setdefault("val", found.get("test"))
+    found.setdefault("test", found["val"])
+    return found
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The class names of a folder: its subfolders, sorted (torchvision's ImageFolder order)."""
+    return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def image_folder_classes(path: str | None, root: str, limits: ReadLimits) -> int:
+    """How many classes the data set at `path` has (the archive extracted first)."""
+    if not path:
+        raise DataError("data=imagefolder needs data.path=<image-folder tree or archive>")
+    folders = split_folders(prepare_tree(path, root, limits))
+    return len(class_folders(folders.get("train", folders.get("all"))))
+
+
+def scan_classes(folders: dict[str, Path], path: object) -> tuple[list[str], dict[str, list]]:
+    """The class names and {split: [(file, class index), ...]} of each split folder, sorted;
+    a class missing from a split, or a class folder without images, is a DataError."""
+    classes = class_folders(folders.get("train", folders.get("all")))
+    if len(classes) < 2:
+        raise DataError(
+            f"{path} has {len(classes)} class folder(s); an image-folder data set needs at least "
+            "2: <class>/<image> (or train/<class>/<image> and val/<class>/<image>)"
+        )
+    index = {cls: i for i, cls in enumerate(classes)}
+    samples = {}
+    for split, folder in folders.items():
+        here = class_folders(folder)
+        if here != classes:
+            missing, extra = sorted(set(classes) - set(here)), sorted(set(here) - set(classes))
+            what = f"lacks {missing}" if missing else f"has {extra}, which train/ lacks"
+            raise DataError(f"{folder} {what}; every split needs the same class folders as train/")
+        samples[split] = []
+        for cls in classes:
+            files = sorted(
+                str(f)
+                for f in (folder / cls).rglob("*")
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            )
+            if not files:
+                raise DataError(
+                    f"class folder {folder / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                    "add images or remove the folder"
+                )
+            samples[split] += [(f, index[cls]) for f in files]
+    return classes, samples
+
+
+def readable(
+    samples: dict[str, list], root: Path, key: str, workers: int
+) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """`samples` less the files PIL cannot decode in full, and those files with the reason.
+    Checked once per set of files (the result cached in `root`), in `workers` processes."""
+    checked = root / f"imagefolder-{key}-v{CACHE_VERSION}.json"
+    files = sorted({f for split in samples.values() for f, _ in split})
+    try:
+        bad = {f: why for f, why in json.loads(checked.read_text())["unreadable"]}
+    except (OSError, ValueError, KeyError):
+        if workers > 0:
+            with worker_context().Pool(workers) as pool:
+                reasons = pool.map(_unreadable_reason, files, chunksize=64)
+        else:
+            reasons = [_unreadable_reason(f) for f in files]
+        bad = {f: why for f, why in zip(files, reasons, strict=True) if why}
+        write_json(checked, {"unreadable": sorted(bad.items())})
+    kept = {split: [s for s in items if s[0] not in bad] for split, items in samples.items()}
+    return kept, sorted(bad.items())
+
+
+def _unreadable_reason(file: str) -> str:
+    try:
+        with Image.open(file) as image:
+            image.load()  # the whole image: a truncated file fails here, not at its header
+        return ""
+    except Exception as err:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+        return " ".join(str(err).split()) or type(err).__name__
+
+
+def _extracted(archive: Path, root: Path, key: str, limits: ReadLimits) -> Path:
+    """`archive` extracted into root/imagefolder-<key>/, once; a temporary folder renamed when
+    complete, so a killed or refused extraction leaves nothing behind."""
+    target = root / f"imagefolder-{key}"
+    if target.is_dir():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"cannot create data.root={root} ({err}); set data.root to a writable folder"
+        ) from None
+    tmp = root / f".{target.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(root).free - DISK_MARGIN
+    written = 0
+    try:
+        tmp.mkdir()
+        if zipfile.is_zipfile(archive):  # sizes listed up front: refused before any write
+            with zipfile.ZipFile(archive) as z:
+                _check_fits(sum(i.file_size for i in z.infolist()), free, archive, root)
+        for name, data in iter_files(archive, _is_image_name, limits):
+            written += len(data)
+            _check_fits(written, free, archive, root)
+            file = tmp / name
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(data)
+        os.replace(tmp, target)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise DataError(
+            f"could not read {archive}: {err}; the file is corrupt or incomplete, copy it again"
+        ) from None
+    except OSError as err:
+        if target.is_dir():  # another process (a DDP rank) finished first: use its copy
+            return target
+        raise DataError(
+            f"could not extract {archive} into {root} ({err}); free space there or set "
+            "data.root to another folder"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_fits(size: int, free: int, archive: Path, root: Path) -> None:
+    if size > free:
+        raise DataError(
+            f"{archive} does not fit in data.root={root}: it holds more than the "
+            f"{max(free, 0) / 2**30:.1f} GB free there (1 GB kept free); free space or set "
+            "data.root to a larger disk"
+        )
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """An image-folder data set of any classes and image sizes, decoded per item in workers,
+    with torchvision's classification-reference transforms.
+
+    Args:
+        root: cache folder: archives are extracted here, and which images are unreadable.
+        path: an image-folder tree, or a .tar/.tar.gz/.zip of one (see the module's layouts).
+        num_classes: expected number of classes; checked against the class folders.
+        batch_size: per device (under DDP each process loads this many).
+        val_size: training images held out for validation, a fraction (0.1) or a count; None:
+            the tree's val/ (or test/) folder, and for a single tree of classes 0.1. Held out
+            from a split tree, validation leaves its val/ (or test/) folder to testing.
+        split_seed: seed of the held-out validation split, apart from the run's seed.
+        image_size: side of the square the network sees.
+        resize_size: evaluation resizes the shorter side to this, then crops the centre
+            image_size square (256 -> 224: torchvision's reference).
+        normalization: "imagenet" (pretrained weights expect it) or "cifar" mean/std.
+        augment: training crops a random area and aspect (RandomResizedCrop) and mirrors.
+        pipeline: "torchvision" only: the tensor pipeline needs the whole set as one tensor.
+        max_image_mb, max_total_gb: what extracting an archive may take.
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        path: str | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        val_size: float | None = None,
+        split_seed: int = 0,
+        image_size: int = 224,
+        resize_size: int = 256,
+        normalization: str = "imagenet",
+        augment: bool = True,
+        pipeline: str = "torchvision",
+        max_image_mb: float = 64,
+        max_total_gb: float = 200,
+    ):
+        super().__init__()
+        if not path:
+            raise InvalidArgument("path", path, "is required: an image-folder tree or archive")
+        if batch_size <= 0:
+            raise InvalidArgument("batch_size", batch_size, "must be positive, e.g. 64")
+        if num_workers < 0:
+            raise InvalidArgument("num_workers", num_workers, "must be >= 0")
+        if val_size is not None and not (0 < val_size < 1 or (val_size >= 1 and val_size % 1 == 0)):
+            raise InvalidArgument(
+                "val_size", val_size, "must be a fraction in (0, 1), a whole count, or null"
+            )
+        if image_size < 1 or resize_size < image_size:
+            raise InvalidArgument(
+                "resize_size", resize_size, f"must be >= image_size={image_size} (e.g. 256, 224)"
+            )
+        if normalization not in NORMALIZATION:
+            raise InvalidArgument(
+                "normalization", normalization, f"is unknown; use one of {', '.join(NORMALIZATION)}"
+            )
+        if pipeline != "torchvision":
+            raise InvalidArgument(
+                "pipeline",
+                pipeline,
+                "is not available for image folders, which are decoded file by file; use "
+                "data.pipeline=torchvision",
+            )
+        for name, value in (("max_image_mb", max_image_mb), ("max_total_gb", max_total_gb)):
+            if not value > 0:
+                raise InvalidArgument(name, value, "must be positive")
+        self.save_hyperparameters()
+        self.read_limits = ReadLimits(max_image_mb, max_total_gb)
+        self.classes: list[str] | None = None
+        self.samples: dict[str, list[tuple[str, int]]] = {}
+
+    def prepare_data(self) -> None:
+        # One process per node: extracts an archive and decodes every image once.
+        self._scan()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.classes is not None:
+            return
+        hp = self.hparams
+        folders, classes, samples = self._scan()
+        if hp.num_classes is not None and len(classes) != hp.num_classes:
+            raise DataError(
+                f"{hp.path} has {len(classes)} classes but data.num_classes={hp.num_classes}; "
+                f"set data.num_classes={len(classes)} (or leave it to the data)"
+            )
+        val_size = hp.val_size
+        if val_size is None and "all" in samples:
+            val_size = 0.1
+        if val_size is None:
+            self.samples = {split: samples[split] for split in ("train", "val", "test")}
+        else:
+            train = samples.get("train", samples.get("all"))
+            count = round(len(train) * val_size) if val_size < 1 else int(val_size)
+            train_index, val_index = seeded_split(len(train), max(count, 1), hp.split_seed)
+            held_out = [train[i] for i in val_index.tolist()]
+            self.samples = {
+                "train": [train[i] for i in train_index.tolist()],
+                "val": held_out,
+                "test": samples.get("test", held_out),
+            }
+        # A fixed shuffle of the evaluation files (sorted by class as found): a run limited to
+        # a few validation or test batches still sees every class.
+        for split in ("val", "test"):
+            order = torch.randperm(
+                len(self.samples[split]), generator=torch.Generator().manual_seed(0)
+            )
+            self.samples[split] = [self.samples[split][i] for i in order.tolist()]
+        self.classes = classes
+
+    def _scan(self) -> tuple[dict[str, Path], list[str], dict[str, list]]:
+        hp = self.hparams
+        root = Path(hp.root).expanduser()
+        folders = split_folders(prepare_tree(hp.path, root, self.read_limits))
+        classes, samples = scan_classes(folders, hp.path)
+        key = source_key(hp.path)
+        samples, bad = readable(samples, root, key, hp.num_workers)
+        if bad:
+            file, reason = bad[0]
+            log.warning(
+                "skipped %d unreadable image(s) of %s (first: %s: %s); remove or replace them",
+                len(bad),
+                hp.path,
+                file,
+                reason,
+            )
+        for split, items in samples.items():
+            found = {label for _, label in items}
+            if len(found) < len(classes):
+                empty = [c for i, c in enumerate(classes) if i not in found]
+                raise DataError(
+                    f"{folders[split]}: class folder(s) {empty} hold no readable images; add "
+                    "images or remove the folder"
+                )
+        return folders, classes, samples
+
+    def transform(self, train: bool) -> v2.Transform:
+        hp = self.hparams
+        mean, std = NORMALIZATION[hp.normalization]
+        if train and hp.augment:
+            steps = [v2.RandomResizedCrop(hp.image_size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.Resize(hp.resize_size, antialias=True), v2.CenterCrop(hp.image_size)]
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        return v2.Compose(steps)
+
+    def predict_transform(self) -> v2.Transform:
+        """Any picture, as a test image (the caller opens it as RGB)."""
+        return self.transform(train=False)
+
+    def _loader(self, split: str) -> DataLoader:
+        hp = self.hparams
+        dataset = ImageFiles(self.samples[split], self.transform(split == "train"))
+        return image_loader(
+            dataset, split == "train", hp.batch_size, hp.num_workers, hp.pin_memory, self.trainer
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
