@@ -8,8 +8,8 @@ Layouts (the class folders sorted, as torchvision's ImageFolder sorts them):
 
 An archive (.tar, .tar.gz, .zip) is extracted once into data.root, through a temporary folder
 renamed when complete; its entries are read as cifar.py reads them (no links, no absolute or
-`..` names, within ReadLimits), and it is refused before anything is written when it cannot
-fit on that disk. Every image is decoded once, in the first run on a set of files, and the
+`..` names, within ReadLimits), and one that does not fit on that disk is refused in one line,
+leaving nothing (a zip before anything is written: it lists its sizes up front). Every image is decoded once, in the first run on a set of files, and the
 unreadable ones are skipped and counted in one warning (cached, keyed by the files' names,
 sizes and times, so later runs do not decode them all again).
 """
