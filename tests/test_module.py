@@ -168,3 +168,24 @@ def test_warmup_before_onecycle_is_refused():
             scheduler_interval="step",
             warmup_epochs=1,
         )
+
+
+def test_learning_rate_scales_with_the_global_batch(caplog):
+    module = classifier(lr_reference_batch=64)
+    seen = []
+
+    class RecordLr(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    # 8 images a step, two steps accumulated: a global batch of 16, a quarter of 64.
+    fit_on_random_images(
+        module, batch_size=8, max_steps=1, accumulate_grad_batches=2, callbacks=[RecordLr()]
+    )
+    assert seen == pytest.approx([0.025, 0.025])
+    assert "a global batch of 16 (8 x 1 processes x 2 accumulated)" in caplog.text
+
+
+def test_bad_reference_batch_is_refused():
+    with pytest.raises(InvalidArgument, match="lr_reference_batch=0 must be positive"):
+        classifier(lr_reference_batch=0)

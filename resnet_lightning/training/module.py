@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -43,6 +44,10 @@ class ImageClassifier(L.LightningModule):
             batch, under whatever schedule follows (multistep, cosine: torch's LinearLR,
             chained with it). 0: no warm-up.
         warmup_start_factor: the fraction of the learning rate the warm-up starts from.
+        lr_reference_batch: the global batch the optimizer's learning rate is given for; the
+            run scales it linearly to its own global batch (per-device batch x devices x
+            nodes x gradient accumulation: Goyal et al. 2017), so one recipe fits any number
+            of GPUs and machines. None: the learning rate as given.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class ImageClassifier(L.LightningModule):
         backbone_lr_scale: float = 1.0,
         warmup_epochs: float = 0.0,
         warmup_start_factor: float = 0.01,
+        lr_reference_batch: int | None = None,
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -67,6 +73,10 @@ class ImageClassifier(L.LightningModule):
             raise InvalidArgument("warmup_epochs", warmup_epochs, "is negative; 0 turns it off")
         if not 0 < warmup_start_factor <= 1:
             raise InvalidArgument("warmup_start_factor", warmup_start_factor, "is not in (0, 1]")
+        if lr_reference_batch is not None and lr_reference_batch <= 0:
+            raise InvalidArgument(
+                "lr_reference_batch", lr_reference_batch, "must be positive, e.g. 256, or null"
+            )
         if warmup_epochs and scheduler is not None and _needs_total_steps(scheduler):
             # OneCycleLR sets the learning rate outright each step: the warm-up would be lost.
             raise InvalidArgument(
@@ -158,6 +168,8 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self):
         groups = self._parameter_groups()
         optimizer = self.optimizer_factory([{"params": params} for params, _ in groups])
+        batch_scale = self._batch_lr_scale()
+        groups = [(params, scale * batch_scale) for params, scale in groups]
         for group, (_, scale) in zip(optimizer.param_groups, groups, strict=True):
             group["lr"] *= scale
         schedulers = [self._warmup(optimizer)] if self.hparams.warmup_epochs else []
@@ -171,6 +183,24 @@ class ImageClassifier(L.LightningModule):
             scheduler = self.scheduler_factory(optimizer, **kwargs)
             schedulers.append({"scheduler": scheduler, "interval": self.hparams.scheduler_interval})
         return ([optimizer], schedulers) if schedulers else optimizer
+
+    def _batch_lr_scale(self) -> float:
+        """Global batch / lr_reference_batch (1 without a reference)."""
+        reference = self.hparams.lr_reference_batch
+        if reference is None:
+            return 1.0
+        trainer = self.trainer
+        if trainer.train_dataloader is None:  # set up now, as estimated_stepping_batches does
+            trainer.fit_loop.setup_data()
+        per_device = trainer.train_dataloader.batch_size
+        global_batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
+        scale = global_batch / reference
+        rank_zero_info(
+            f"Learning rate x{scale:g}: a global batch of {global_batch} ({per_device} x "
+            f"{trainer.world_size} processes x {trainer.accumulate_grad_batches} accumulated) "
+            f"against module.lr_reference_batch={reference}"
+        )
+        return scale
 
     def _warmup(self, optimizer: torch.optim.Optimizer) -> dict[str, object]:
         """LinearLR over the warm-up's steps. It multiplies the learning rate, as MultiStepLR
