@@ -300,3 +300,78 @@ def test_train_on_photos_then_predict_names_the_classes(photos, tmp_path):
     assert {row["class1"] for row in rows} <= set(CLASSES)
     assert all({row[f"class{i}"] for i in (1, 2, 3)} == set(CLASSES) for row in rows)
     assert "class4" not in rows[0]  # three classes: a top-3
+
+
+@pytest.fixture(scope="module")
+def imagenet_weights(tmp_path_factory) -> Path:
+    """A torchvision ResNet-50 state dict in a file: offline, the same loading path as
+    IMAGENET1K_V2 (the values are torchvision's initialisation, not trained ones)."""
+    from torchvision.models import resnet50
+
+    path = tmp_path_factory.mktemp("weights") / "resnet50.pth"
+    torch.manual_seed(0)
+    torch.save(resnet50().state_dict(), path)
+    return path
+
+
+def test_finetune_folder_loads_weights_under_a_head_sized_from_the_folders(
+    photos, tmp_path, imagenet_weights
+):
+    cfg = compose_config(
+        [
+            "experiment=finetune_folder",
+            f"data.path={photos}",
+            f"data.root={tmp_path}",
+            f"model.pretrained={imagenet_weights}",
+        ]
+    )
+    assert compose_config(["experiment=finetune_folder"]).model.pretrained == "IMAGENET1K_V2"
+    assert (cfg.data.image_size, cfg.data.resize_size, cfg.data.normalization) == (
+        224,
+        256,
+        "imagenet",
+    )
+    net = instantiate(cfg.model)
+    weights = torch.load(imagenet_weights, weights_only=True)
+    assert torch.equal(net.layer4[2].conv3.weight, weights["layer4.2.conv3.weight"])
+    assert net.fc.out_features == 3  # the folders' three classes, never typed
+    module = instantiate(cfg.module, net=net, optimizer=instantiate(cfg.optimizer))
+    (head, head_scale), (_, backbone_scale) = module._parameter_groups()
+    assert {id(p) for p in head} == {id(p) for p in net.fc.parameters()}
+    # The new head at lr 0.01, the pretrained layers at a tenth of it.
+    assert (cfg.optimizer.lr, head_scale, backbone_scale) == (0.01, 1.0, 0.1)
+
+
+@pytest.mark.slow  # make test-all: a ResNet-50 fine-tuning run and a prediction
+def test_finetune_on_photos_then_predict_names_the_classes(photos, tmp_path, imagenet_weights):
+    run_dir = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "experiment=finetune_folder",
+        f"data.path={photos}",
+        f"data.root={tmp_path / 'cache'}",
+        f"model.pretrained={imagenet_weights}",
+        "data.image_size=64",
+        "data.resize_size=72",
+        "data.batch_size=16",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "logger=[]",
+        f"hydra.run.dir={run_dir}",
+    ]
+    run_cli(overrides, cwd=tmp_path)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["class_names"] == CLASSES
+    assert checkpoint["state_dict"]["net.fc.weight"].shape == (3, 2048)
+    image = next((photos / "val" / "bird").iterdir())
+    result = run_cli(
+        [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"predict={image}"],
+        cwd=tmp_path,
+        command="resnet_lightning.eval",
+    )
+    # One line: the file, then its classes by name with their probabilities (three classes).
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{image}: ")
+    named = dict(pair.rsplit(" ", 1) for pair in line.split(": ", 1)[1].split(", "))
+    assert set(named) == set(CLASSES)
+    assert sum(float(p) for p in named.values()) == pytest.approx(1.0, abs=0.01)
