@@ -19,6 +19,8 @@ __all__ = ["CONFIG_DIR", "compose_config"]  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# The classes of the `photos` fixture (conftest.py): the first three of the archive, in its order.
+PHOTO_CLASSES = ["airplane", "automobile", "bird"]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from tests.cli_harness import SHARED_CIFAR, make_image_archive
+from tests.cli_harness import PHOTO_CLASSES, SHARED_CIFAR, make_image_archive
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,27 @@ def data_root(tmp_path_factory, cifar_archive) -> Path:
 @pytest.fixture
 def data_overrides(data_root, cifar_archive) -> list[str]:
     return [f"data.root={data_root}", f"data.path={cifar_archive}"]
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory, cifar_archive) -> Path:
+    """train/<class>/ (80 each) and val/<class>/ (20 each) of three real CIFAR-10 classes,
+    enlarged to 64 px: photos larger than 32 px."""
+    tree = tmp_path_factory.mktemp("photos")
+    wanted = {"train": 80, "val": 20}
+    taken: dict[str, int] = {}
+    with tarfile.open(cifar_archive) as archive:
+        for member in archive:
+            *_, split, cls, _ = ["", "", *member.name.split("/")]
+            if member.isfile() and split == "train" and cls in PHOTO_CLASSES:
+                n = taken[cls] = taken.get(cls, 0) + 1
+                into = "train" if n <= wanted["train"] else "val"
+                if n <= sum(wanted.values()):
+                    image = Image.open(io.BytesIO(archive.extractfile(member).read()))
+                    file = tree / into / cls / f"{n:04d}.jpg"
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    image.convert("RGB").resize((64, 64), Image.BICUBIC).save(file, quality=90)
+            archive.members.clear()
+            if len(taken) == len(PHOTO_CLASSES) and min(taken.values()) >= sum(wanted.values()):
+                break
+    return tree

@@ -37,7 +37,10 @@ def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, 
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_cores"] >= 1 and report["command"].endswith(str(out))
     pipelines = {(r["pipeline"], r["device"], r["image_size"]) for r in report["pipeline"]}
-    assert pipelines == {(p, "cpu", s) for p in ("torchvision", "tensor") for s in (32, 224)}
+    folder = ("imagefolder (JPEG 500x375)", "cpu", 224)
+    assert pipelines == {(p, "cpu", s) for p in ("torchvision", "tensor") for s in (32, 224)} | {
+        folder
+    }
     assert all(r["images_per_s"] > 0 for r in report["pipeline"])
     tensor_rows = [r for r in report["pipeline"] if r["pipeline"] == "tensor"]
     if cifar_archive == SHARED_CIFAR:

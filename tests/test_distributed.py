@@ -156,3 +156,70 @@ def test_spawned_ranks_train_test_and_report_like_ddp(
     assert metrics["val/acc"] == launched["val/acc"]  # the best checkpoint's score
     assert metrics["test/loss"] == pytest.approx(launched["test/loss"], rel=1e-3)
     assert not list(temp.rglob("*.ckpt"))  # the weights handed back are not left behind
+
+
+def photo_shard_args(photos, tmp_path) -> list[str]:
+    """A DDP run on the 64 px image folder whose ranks write the files of their shards."""
+    return [
+        *TINY,
+        *without_callbacks(),
+        "data=imagefolder",
+        f"data.path={photos}",
+        f"data.root={tmp_path / 'cache'}",
+        "data.image_size=64",
+        "data.resize_size=72",
+        "data.batch_size=8",
+        "model=resnet20",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "logger=[]",
+        "+callbacks.shard_record._target_=tests.shard_record.RecordShard",
+        f"+callbacks.shard_record.folder={tmp_path / 'shards'}",
+    ]
+
+
+def assert_disjoint_shards(folder, photos) -> None:
+    shards = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world_size"] for s in shards] == [2, 2]
+    files = [set(s["files"]) for s in shards]
+    assert len(files[0]) == len(files[1]) == 120  # 240 training photos, half each
+    assert not files[0] & files[1]
+    assert files[0] | files[1] == {str(p) for p in (photos / "train").rglob("*.jpg")}
+
+
+def test_ddp_ranks_read_disjoint_shards_of_an_image_folder(photos, tmp_path):
+    args = [*photo_shard_args(photos, tmp_path), "trainer=ddp_cpu"]
+    run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO)
+    assert_disjoint_shards(tmp_path / "shards", photos)
+
+
+def test_torchrun_nodes_read_disjoint_shards_of_an_image_folder(photos, tmp_path):
+    port = free_port()
+    args = [*photo_shard_args(photos, tmp_path), "trainer=ddp_cpu", "trainer.num_nodes=2"]
+    args += ["trainer.devices=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "resnet_lightning",
+                *args,
+            ],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
+    assert_disjoint_shards(tmp_path / "shards", photos)

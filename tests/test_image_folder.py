@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import pickle
 import shutil
@@ -21,33 +20,8 @@ from torchvision.datasets import CIFAR100
 
 from resnet_lightning.data import CifarDataModule, ImageFolderDataModule, load_cifar
 from resnet_lightning.errors import DataError
+from tests.cli_harness import PHOTO_CLASSES as CLASSES
 from tests.cli_harness import TINY, compose_config, run_cli, run_main
-
-CLASSES = ["airplane", "automobile", "bird"]  # the first three of the archive, in its order
-
-
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory, cifar_archive) -> Path:
-    """train/<class>/ (80 each) and val/<class>/ (20 each) of three real CIFAR-10 classes,
-    enlarged to 64 px: photos larger than 32 px."""
-    tree = tmp_path_factory.mktemp("photos")
-    wanted = {"train": 80, "val": 20}
-    taken: dict[str, int] = {}
-    with tarfile.open(cifar_archive) as archive:
-        for member in archive:
-            *_, split, cls, _ = ["", "", *member.name.split("/")]
-            if member.isfile() and split == "train" and cls in CLASSES:
-                n = taken[cls] = taken.get(cls, 0) + 1
-                into = "train" if n <= wanted["train"] else "val"
-                if n <= sum(wanted.values()):
-                    image = Image.open(io.BytesIO(archive.extractfile(member).read()))
-                    file = tree / into / cls / f"{n:04d}.jpg"
-                    file.parent.mkdir(parents=True, exist_ok=True)
-                    image.convert("RGB").resize((64, 64), Image.BICUBIC).save(file, quality=90)
-            archive.members.clear()
-            if len(taken) == len(CLASSES) and min(taken.values()) >= sum(wanted.values()):
-                break
-    return tree
 
 
 def datamodule(root, path, **kwargs) -> ImageFolderDataModule:

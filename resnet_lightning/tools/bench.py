@@ -3,7 +3,8 @@
 Four measurements; each figure is taken in the same run as the figures it is compared with.
 
 1. pipeline: input images/s of the torchvision/PIL path (DataLoader workers) against
-   the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any.
+   the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any;
+   and of data=imagefolder decoding 500x375 JPEG photos to 224 px crops (the ImageNet path).
 2. train: training images/s and peak memory per model, precision and memory format, through
    the plain loop (plain_loop.py) fed by the tensor path; on a GPU also experiment=seed_resnet50
    (ResNet-50 at 224 px, fp32, PIL pipeline with 2 workers) as the baseline.
@@ -37,11 +38,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from resnet_lightning.atomic_files import write_json
 from resnet_lightning.callbacks.epoch_timer import EpochTimer
-from resnet_lightning.data import CifarDataModule
+from resnet_lightning.data import CifarDataModule, ImageFolderDataModule
 from resnet_lightning.errors import UsageError
 from resnet_lightning.models import create_model
 from resnet_lightning.tools.export import EXPORTERS, without_grad
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
     }
     if "pipeline" in args.sections:
-        report["pipeline"] = bench_pipelines(args)
+        report["pipeline"] = bench_pipelines(args) + bench_image_folder(args)
     if "train" in args.sections:
         report["train"] = bench_training(args)
     if "overhead" in args.sections:
@@ -240,6 +242,40 @@ def bench_pipelines(args: argparse.Namespace) -> list[dict]:
             row["dataset_mb"] = round(dataset_bytes(dm) / 2**20)
             rows.append(row)
             print(f"pipeline {device_name} {size} px done", flush=True)
+    return rows
+
+
+def bench_image_folder(args: argparse.Namespace) -> list[dict]:
+    """data=imagefolder at 224 px: JPEG photos decoded, RandomResizedCrop + flip'd and
+    normalised in DataLoader workers, the ImageNet path. The photos are CIFAR-10 training
+    images enlarged to ImageNet's typical 500x375 and saved as JPEG (quality 90)."""
+    count = 64 if args.quick else 1024
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, arrays = Path(tmp) / "photos", datamodule(args).arrays
+        for i in range(count):
+            label = int(arrays.train_labels[i])
+            file = tree / "train" / arrays.classes[label] / f"{i:05d}.jpg"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(arrays.train_images[i].numpy()).resize(
+                (500, 375), Image.BICUBIC
+            )
+            image.save(file, quality=90)
+        for device_name in args.devices:
+            for workers in args.workers:
+                dm = ImageFolderDataModule(
+                    root=tmp,
+                    path=str(tree / "train"),
+                    batch_size=args.pipeline_batch,
+                    num_workers=workers,
+                    val_size=0.1,
+                )
+                dm.setup()
+                loader = dm.train_dataloader()
+                images, seconds = timed_batches(loader, torch.device(device_name), args.seconds)
+                name = "imagefolder (JPEG 500x375)"
+                rows.append(pipeline_row(name, device_name, 224, workers, images, seconds))
+    print("pipeline image folder done", flush=True)
     return rows
 
 
