@@ -310,7 +310,7 @@ def test_finetune_folder_loads_weights_under_a_head_sized_from_the_folders(
     assert torch.equal(net.layer4[2].conv3.weight, weights["layer4.2.conv3.weight"])
     assert net.fc.out_features == 3  # the folders' three classes, never typed
     module = instantiate(cfg.module, net=net, optimizer=instantiate(cfg.optimizer))
-    (head, head_scale), (_, backbone_scale) = module._parameter_groups()
+    (head, head_scale, _), (_, backbone_scale, _) = module._parameter_groups()
     assert {id(p) for p in head} == {id(p) for p in net.fc.parameters()}
     # The new head at lr 0.01, the pretrained layers at a tenth of it.
     assert (cfg.optimizer.lr, head_scale, backbone_scale) == (0.01, 1.0, 0.1)

@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
+from .mixing import batch_mixer
 from .sampling import ResumableDataLoader, ResumableSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
@@ -123,6 +124,10 @@ class CifarDataModule(L.LightningDataModule):
         channels_last: "tensor" pipeline: channels-last batches, for channels-last models.
         max_image_mb, max_total_gb: what reading `path` may take: a file larger than an image
             may be, or a data set larger than memory, is refused before it is read.
+        mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob: Mixup / CutMix of whole
+            training batches on the training device, with timm's names and meanings
+            (resnet_lightning.data.mixing); their labels become (B, num_classes)
+            probabilities. Both alphas 0: off.
     """
 
     def __init__(
@@ -144,6 +149,10 @@ class CifarDataModule(L.LightningDataModule):
         channels_last: bool = False,
         max_image_mb: float = 64,
         max_total_gb: float = 8,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
     ):
         super().__init__()
         if batch_size <= 0:
@@ -173,6 +182,7 @@ class CifarDataModule(L.LightningDataModule):
                 raise InvalidArgument(name, value, "must be positive")
         self.save_hyperparameters()
         self.read_limits = ReadLimits(max_image_mb, max_total_gb)
+        self.mixer = batch_mixer(num_classes, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob)
         self.arrays: CifarArrays | None = None
         self._placed: CifarArrays | None = None  # the arrays on the tensor pipeline's device
 
@@ -287,6 +297,18 @@ class CifarDataModule(L.LightningDataModule):
             hp.pin_memory,
             self.trainer,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Whole batches on the training device, after either pipeline. Training batches only:
+        # validation, the sanity check, test and predict run in other stages, and the model
+        # summary's example input (a bare tensor) comes through in the training stage too.
+        trainer = self.trainer
+        if self.mixer is None or trainer is None or not trainer.training:
+            return batch
+        if isinstance(batch, torch.Tensor):
+            return batch
+        images, labels = batch
+        return self.mixer(images, labels)
 
     def train_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("train")

@@ -10,6 +10,8 @@ Parameter names follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.
 - `shortcut`: 'B' projects with a 1x1 conv where the shape changes, 'A' zero-pads channels
   and subsamples (parameter-free, as the paper's CIFAR nets); `plain=True` drops shortcuts.
 - `avg_down` (ResNet-D) and `stride_in_1x1` (ResNet v1 instead of v1.5).
+- `drop_path`: stochastic depth (Huang et al. 2016), the residual branch of whole samples
+  dropped in training, with a probability rising linearly over the blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import conv1x1, conv3x3
+from torchvision.ops import StochasticDepth
 
 from .registry import Family, register_variant
 
@@ -60,12 +63,20 @@ class ResidualBlock(nn.Module):
 
     `downsample` is the shortcut (None: identity); `residual=False` drops it, as in the
     paper's plain networks. Subclasses set both last, keeping torchvision's key order.
+    `drop_path` > 0 zeroes the residual branch of each sample with that probability in
+    training (stochastic depth; it has no parameters, so no state-dict keys).
     """
 
     expansion = 1
     preact = False
     downsample: nn.Module | None
     residual: bool
+    drop_path: nn.Module | None
+
+    def __init__(self, drop_path: float = 0.0) -> None:
+        super().__init__()
+        # "row": each sample of the batch is dropped on its own, as in timm's DropPath.
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else None
 
     def add_shortcut(
         self, out: Tensor, x: Tensor, projection_input: Tensor | None = None
@@ -73,6 +84,8 @@ class ResidualBlock(nn.Module):
         """`out` plus the shortcut of `x`; a projection reads `projection_input` if given."""
         if not self.residual:
             return out
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         if self.downsample is None:
             return out + x
         return out + self.downsample(x if projection_input is None else projection_input)
@@ -92,8 +105,9 @@ class BasicBlock(ResidualBlock):
         stride: int = 1,
         downsample: nn.Module | None = None,
         residual: bool = True,
+        drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(drop_path)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -130,8 +144,9 @@ class Bottleneck(ResidualBlock):
         groups: int = 1,
         width_per_group: int = 64,
         stride_in_1x1: bool = False,
+        drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(drop_path)
         width = int(planes * (width_per_group / 64.0)) * groups
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = conv1x1(inplanes, width, stride_1x1)
@@ -171,8 +186,9 @@ class PreActBasicBlock(ResidualBlock):
         downsample: nn.Module | None = None,
         residual: bool = True,
         dropout: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(drop_path)
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -207,8 +223,9 @@ class PreActBottleneck(ResidualBlock):
         residual: bool = True,
         groups: int = 1,
         width_per_group: int = 64,
+        drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(drop_path)
         width = int(planes * (width_per_group / 64.0)) * groups
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.conv1 = conv1x1(inplanes, width)
@@ -240,7 +257,9 @@ class ResNet(nn.Module):
     `widths` are the stages' `planes` (outputs are `planes * block.expansion`); the first
     stage keeps the resolution and each later one halves it. `block_kwargs` go to every
     block: `groups`, `width_per_group`, `stride_in_1x1` (Bottleneck), `dropout`
-    (PreActBasicBlock); a block that lacks one raises TypeError.
+    (PreActBasicBlock); a block that lacks one raises TypeError. `drop_path` is the stochastic
+    depth drop probability of the last block; block i of n gets drop_path * i / (n - 1), from
+    0 at the first (timm's rule; Huang et al. 2016's linear decay).
     """
 
     def __init__(
@@ -256,6 +275,7 @@ class ResNet(nn.Module):
         plain: bool = False,
         avg_down: bool = False,
         zero_init_residual: bool = False,
+        drop_path: float = 0.0,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -267,13 +287,20 @@ class ResNet(nn.Module):
             raise ValueError(f"one width per stage: {len(layers)} layers, {len(widths)} widths")
         if plain and zero_init_residual:
             raise ValueError("zero_init_residual would silence a plain network's blocks")
+        if not 0 <= drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1) (0: off), got {drop_path}")
+        if plain and drop_path:
+            raise ValueError("drop_path drops residual branches; a plain network has none")
+        last = max(sum(layers) - 1, 1)
+        drop_paths = [drop_path * i / last for i in range(sum(layers))]
         self._build_stem(stem, stem_width, block.preact)
         self.inplanes = stem_width
         self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
         for i, (planes, depth) in enumerate(zip(widths, layers, strict=True)):
             stride = 1 if i == 0 else 2
+            stage_drop_paths, drop_paths = drop_paths[:depth], drop_paths[depth:]
             stage = self._make_layer(
-                block, planes, depth, stride, shortcut, plain, avg_down, block_kwargs
+                block, planes, stride, shortcut, plain, avg_down, stage_drop_paths, block_kwargs
             )
             self.add_module(self.stage_names[i], stage)
         # Pre-activation blocks normalise their input, so they need no BN after the stem but
@@ -318,16 +345,17 @@ class ResNet(nn.Module):
         self,
         block: Block,
         planes: int,
-        depth: int,
         stride: int,
         shortcut: str,
         plain: bool,
         avg_down: bool,
+        drop_paths: Sequence[float],
         block_kwargs: dict[str, Any],
     ) -> nn.Sequential:
+        """A stage of one block per entry of `drop_paths` (each block's probability)."""
         out_planes = planes * block.expansion
         blocks = []
-        for i in range(depth):
+        for i, drop_path in enumerate(drop_paths):
             block_stride = stride if i == 0 else 1
             downsample = None
             if not plain and (block_stride != 1 or self.inplanes != out_planes):
@@ -341,6 +369,7 @@ class ResNet(nn.Module):
                     block_stride,
                     downsample,
                     residual=not plain,
+                    drop_path=drop_path,
                     **block_kwargs,
                 )
             )

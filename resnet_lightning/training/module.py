@@ -25,6 +25,10 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 class ImageClassifier(L.LightningModule):
     """Trains `net` with cross-entropy; logs loss, top-1 and top-5 accuracy per split.
 
+    Labels are class indices or, from batches mixed by the data (Mixup, CutMix), (B, C)
+    probabilities; the loss takes either, and `train/acc` of a mixed batch counts a
+    prediction right when it is the target's dominant (argmax) class.
+
     Args:
         net: any module mapping images to class logits.
         optimizer: builds the optimizer from parameters (a Hydra `_partial_`).
@@ -33,7 +37,7 @@ class ImageClassifier(L.LightningModule):
             number of optimizer steps.
         scheduler_interval: "epoch" or "step": how often the scheduler steps.
         num_classes: size of the classifier output, for the metrics.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing, of index and probability targets alike.
         test_time_flip: validate and test on the mean logits of each image and its mirror.
         backbone_lr_scale: the learning rate of everything but the classifier, as a fraction
             of the optimizer's (fine-tuning pretrained weights gently while the new head
@@ -48,6 +52,10 @@ class ImageClassifier(L.LightningModule):
             run scales it linearly to its own global batch (per-device batch x devices x
             nodes x gradient accumulation: Goyal et al. 2017), so one recipe fits any number
             of GPUs and machines. None: the learning rate as given.
+        no_decay_bn_bias: no weight decay on normalisation layers' weights and biases nor on
+            any bias (torchvision reference's `--norm-weight-decay 0 --bias-weight-decay 0`,
+            timm's filter_bias_and_bn): they get their own parameter groups with
+            weight_decay=0, beside each learning-rate group.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class ImageClassifier(L.LightningModule):
         warmup_epochs: float = 0.0,
         warmup_start_factor: float = 0.01,
         lr_reference_batch: int | None = None,
+        no_decay_bn_bias: bool = False,
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -90,6 +99,9 @@ class ImageClassifier(L.LightningModule):
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        # With probability targets p, CrossEntropyLoss smooths them to (1 - e) p + e / C. For
+        # mixed targets p = lam a + (1 - lam) b that is lam ((1 - e) a + e / C) +
+        # (1 - lam) ((1 - e) b + e / C): timm's mixup_target, which mixes smoothed one-hots.
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         accuracy = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes >= 5:
@@ -121,7 +133,8 @@ class ImageClassifier(L.LightningModule):
         logits = self(images) if split == "train" else self.predict_logits(images)
         loss = self.criterion(logits, labels)
         metrics, mean_loss = self.metrics[f"{split}_"], self.mean_loss[f"{split}_"]
-        metrics.update(logits, labels)
+        # Mixed targets: accuracy against each image's dominant label.
+        metrics.update(logits, labels.argmax(1) if labels.ndim == 2 else labels)
         # One value per image: MeanMetric(nan_strategy="disable") drops `weight`
         # (torchmetrics#3434), and a short last batch must count for its images only.
         mean_loss.update(loss.detach().expand(len(labels)))
@@ -153,24 +166,38 @@ class ImageClassifier(L.LightningModule):
             if is_norm and params and not any(p.requires_grad for p in params):
                 layer.eval()
 
-    def _parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
-        """(parameters, lr scale) pairs: the head and the backbone apart when scaled."""
+    def _parameter_groups(self) -> list[tuple[list[nn.Parameter], float, bool]]:
+        """(parameters, lr scale, decayed) triples: the head and the backbone apart when
+        scaled; with `no_decay_bn_bias`, each split again into decayed and not."""
         trainable = [p for p in self.net.parameters() if p.requires_grad]
         scale = self.hparams.backbone_lr_scale
-        if scale == 1.0:
-            return [(trainable, 1.0)]
-        head = {id(p) for p in get_classifier(self.net).parameters()}
+        groups = [(trainable, 1.0)]
+        if scale != 1.0:
+            head = {id(p) for p in get_classifier(self.net).parameters()}
+            groups = [
+                ([p for p in trainable if id(p) in head], 1.0),
+                ([p for p in trainable if id(p) not in head], scale),
+            ]
+        if not self.hparams.no_decay_bn_bias:
+            return [(params, scale, True) for params, scale in groups]
+        exempt = {id(p) for p in no_decay_parameters(self.net)}
         return [
-            ([p for p in trainable if id(p) in head], 1.0),
-            ([p for p in trainable if id(p) not in head], scale),
+            ([p for p in params if (id(p) not in exempt) == decayed], scale, decayed)
+            for params, scale in groups
+            for decayed in (True, False)
         ]
 
     def configure_optimizers(self):
         groups = self._parameter_groups()
-        optimizer = self.optimizer_factory([{"params": params} for params, _ in groups])
+        optimizer = self.optimizer_factory(
+            [
+                {"params": params} if decayed else {"params": params, "weight_decay": 0.0}
+                for params, _, decayed in groups
+            ]
+        )
         batch_scale = self._batch_lr_scale()
-        groups = [(params, scale * batch_scale) for params, scale in groups]
-        for group, (_, scale) in zip(optimizer.param_groups, groups, strict=True):
+        groups = [(params, scale * batch_scale, decayed) for params, scale, decayed in groups]
+        for group, (_, scale, _) in zip(optimizer.param_groups, groups, strict=True):
             group["lr"] *= scale
         schedulers = [self._warmup(optimizer)] if self.hparams.warmup_epochs else []
         if self.scheduler_factory is not None:
@@ -179,7 +206,7 @@ class ImageClassifier(L.LightningModule):
                 kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
             max_lr = getattr(self.scheduler_factory, "keywords", {}).get("max_lr")
             if max_lr is not None:  # OneCycleLR sets every group's lr from max_lr: scale it
-                kwargs["max_lr"] = [max_lr * scale for _, scale in groups]
+                kwargs["max_lr"] = [max_lr * scale for _, scale, _ in groups]
             scheduler = self.scheduler_factory(optimizer, **kwargs)
             schedulers.append({"scheduler": scheduler, "interval": self.hparams.scheduler_interval})
         return ([optimizer], schedulers) if schedulers else optimizer
@@ -213,6 +240,27 @@ class ImageClassifier(L.LightningModule):
         start = self.hparams.warmup_start_factor
         warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start, 1.0, total_iters=steps)
         return {"scheduler": warmup, "interval": "step", "name": "warmup"}
+
+
+# The layers whose every parameter is a scale or shift of normalised activations.
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def no_decay_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of normalisation layers and every other bias: the parameters
+    weight decay should spare (torchvision reference's `set_weight_decay`)."""
+    found: dict[int, nn.Parameter] = {}
+    for module in net.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_LAYERS) or name == "bias":
+                found[id(param)] = param
+    return list(found.values())
 
 
 def _needs_total_steps(factory: Callable) -> bool:
