@@ -62,6 +62,15 @@ def test_model_head_follows_the_class_folders(photos, tmp_path):
         datamodule(tmp_path, photos, num_classes=5)
 
 
+def test_image_folder_batches_mix_over_its_own_classes(photos, tmp_path):
+    dm = datamodule(tmp_path, photos, cutmix_alpha=1.0)
+    images, labels = next(iter(dm.train_dataloader()))
+    mixed, targets = dm.mixer(images, labels)
+    assert mixed.shape == images.shape and targets.shape == (8, 3)  # the folders' 3 classes
+    assert torch.allclose(targets.sum(1), torch.ones(8))
+    assert datamodule(tmp_path, photos).mixer is None
+
+
 def test_single_tree_is_split_by_val_size(photos, tmp_path):
     dm = datamodule(tmp_path, photos / "train")  # <class>/* alone
     assert dm.classes == CLASSES

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
-from .mixing import batch_mixer
+from .mixing import MixedTrainingBatches, batch_mixer
 from .sampling import ResumableDataLoader, ResumableSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
@@ -101,7 +101,7 @@ def image_loader(
     )
 
 
-class CifarDataModule(L.LightningDataModule):
+class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
     """CIFAR-10, CIFAR-100 (or any 32 px image-folder data set) with a seeded validation split.
 
     Args:
@@ -297,18 +297,6 @@ class CifarDataModule(L.LightningDataModule):
             hp.pin_memory,
             self.trainer,
         )
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # Whole batches on the training device, after either pipeline. Training batches only:
-        # validation, the sanity check, test and predict run in other stages, and the model
-        # summary's example input (a bare tensor) comes through in the training stage too.
-        trainer = self.trainer
-        if self.mixer is None or trainer is None or not trainer.training:
-            return batch
-        if isinstance(batch, torch.Tensor):
-            return batch
-        images, labels = batch
-        return self.mixer(images, labels)
 
     def train_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("train")

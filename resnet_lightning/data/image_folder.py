@@ -9,9 +9,10 @@ Layouts (the class folders sorted, as torchvision's ImageFolder sorts them):
 An archive (.tar, .tar.gz, .zip) is extracted once into data.root, through a temporary folder
 renamed when complete; its entries are read as cifar.py reads them (no links, no absolute or
 `..` names, within ReadLimits), and one that does not fit on that disk is refused in one line,
-leaving nothing (a zip before anything is written: it lists its sizes up front). Every image is decoded once, in the first run on a set of files, and the
-unreadable ones are skipped and counted in one warning (cached, keyed by the files' names,
-sizes and times, so later runs do not decode them all again).
+leaving nothing (a zip before anything is written: it lists its sizes up front). Every image
+is decoded once, in the first run on a set of files, and the unreadable ones are skipped and
+counted in one warning (cached, keyed by the files' names, sizes and times, so later runs do
+not decode them all again).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import ReadLimits, iter_files, source_key
 from .datamodule import NORMALIZATION, image_loader, seeded_split, worker_context
+from .mixing import MixedTrainingBatches, batch_mixer
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,7 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
     """An image-folder data set of any classes and image sizes, decoded per item in workers,
     with torchvision's classification-reference transforms.
 
@@ -270,6 +272,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         augment: training crops a random area and aspect (RandomResizedCrop) and mirrors.
         pipeline: "torchvision" only: the tensor pipeline needs the whole set as one tensor.
         max_image_mb, max_total_gb: what extracting an archive may take.
+        mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob: Mixup / CutMix of whole
+            training batches, as CifarDataModule's (resnet_lightning.data.mixing).
     """
 
     def __init__(
@@ -289,6 +293,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         pipeline: str = "torchvision",
         max_image_mb: float = 64,
         max_total_gb: float = 200,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
     ):
         super().__init__()
         if not path:
@@ -319,6 +327,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         for name, value in (("max_image_mb", max_image_mb), ("max_total_gb", max_total_gb)):
             if not value > 0:
                 raise InvalidArgument(name, value, "must be positive")
+        # Checks the mixing values now; the mixer is built for the class count in setup().
+        batch_mixer(num_classes or 2, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob)
         self.save_hyperparameters()
         self.read_limits = ReadLimits(max_image_mb, max_total_gb)
         self.classes: list[str] | None = None
@@ -361,6 +371,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
             self.samples[split] = [self.samples[split][i] for i in order.tolist()]
         self.classes = classes
+        mixing = (hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob, hp.mix_switch_prob)
+        self.mixer = batch_mixer(len(classes), *mixing)
 
     def _scan(self) -> tuple[dict[str, Path], list[str], dict[str, list]]:
         hp = self.hparams

@@ -11,6 +11,7 @@ the next image of a shuffled batch where timm takes the mirrored batch, a pairin
 
 from __future__ import annotations
 
+import torch
 from torchvision.transforms import v2
 
 from resnet_lightning.errors import InvalidArgument
@@ -49,3 +50,22 @@ def batch_mixer(
     if len(mixers) == 2:
         mixer = v2.RandomChoice(mixers, p=[1 - mix_switch_prob, mix_switch_prob])
     return mixer if mix_prob == 1 else v2.RandomApply([mixer], p=mix_prob)
+
+
+class MixedTrainingBatches:
+    """A LightningDataModule mixin: training batches go through `self.mixer` (a batch_mixer,
+    or None) on the training device, after the loader, whichever loader it is."""
+
+    mixer: v2.Transform | None = None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Training batches only: validation, the sanity check, test and predict run in other
+        # stages, and the model summary's example input (a bare tensor) comes through in the
+        # training stage too.
+        trainer = self.trainer
+        if self.mixer is None or trainer is None or not trainer.training:
+            return batch
+        if isinstance(batch, torch.Tensor):
+            return batch
+        images, labels = batch
+        return self.mixer(images, labels)
