@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 import yaml
@@ -44,6 +46,21 @@ def compose_with_hydra(overrides: list[str]):
 def test_every_experiment_composes(experiment):
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.model.name and cfg.optimizer.lr > 0 and cfg.data.batch_size > 0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_recipe_key_is_an_argument_of_its_constructor(experiment):
+    # Composition merges a recipe's keys without checking them: a misspelt one would only
+    # fail when the run builds its objects.
+    cfg = compose_config([f"experiment={experiment}"])
+    for group in ("data", "module", "optimizer", "scheduler"):
+        node = cfg[group]
+        if node is None:
+            continue
+        target = hydra.utils.get_object(node._target_)
+        accepted = set(inspect.signature(target).parameters)
+        keys = {k for k in node if not k.startswith("_")}
+        assert keys <= accepted, f"{experiment}: {group}.{sorted(keys - accepted)}"
 
 
 def test_paper_cifar_is_the_papers_iteration_schedule_for_any_depth():
