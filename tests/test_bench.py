@@ -42,6 +42,10 @@ def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, 
         folder
     }
     assert all(r["images_per_s"] > 0 for r in report["pipeline"])
+    policies = {(r["pipeline"], r["policy"], r["random_erasing"]) for r in report["pipeline"]}
+    assert {
+        (p, "trivialaugment", e) for p in ("torchvision", "tensor") for e in (0, 0.25)
+    } <= policies
     tensor_rows = [r for r in report["pipeline"] if r["pipeline"] == "tensor"]
     if cifar_archive == SHARED_CIFAR:
         assert all(r["dataset_mb"] == 176 for r in tensor_rows)  # 60,000 uint8 images, once

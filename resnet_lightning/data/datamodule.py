@@ -15,6 +15,7 @@ from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
 from .mixing import MixedTrainingBatches, batch_mixer
+from .policies import ERASING_RATIO, ERASING_SCALE, MAGNITUDE_BINS, POLICIES, torchvision_policy
 from .sampling import ResumableDataLoader, ResumableSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
@@ -118,6 +119,12 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
         augment: random crop (padding 4) and horizontal flip for training.
         cutout: with `augment`, a square of this side (at 32 px) set to the mean colour in
             each training image (DeVries & Taylor 2017); 0 for none.
+        policy: with `augment`, after crop and flip: "none", "autoaugment" (the CIFAR-10
+            policy), "randaugment" or "trivialaugment" (TrivialAugmentWide), as torchvision's.
+        randaugment_n, randaugment_m: RandAugment's ops per image and their magnitude bin
+            (0..30 of torchvision's 31).
+        random_erasing: with `augment`, the probability of torchvision's RandomErasing (default
+            scale and ratio; the box set to the mean colour), after normalisation; 0 for none.
         pipeline: "torchvision" (PIL, one image at a time, in DataLoader workers) or "tensor"
             (the data set as one uint8 tensor on the training device, batches augmented
             whole: resnet_lightning.data.tensor_loader).
@@ -145,6 +152,10 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
         normalization: str = "cifar",
         augment: bool = True,
         cutout: int = 0,
+        policy: str = "none",
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
+        random_erasing: float = 0.0,
         pipeline: str = "torchvision",
         channels_last: bool = False,
         max_image_mb: float = 64,
@@ -176,6 +187,18 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
         if not 0 <= cutout < 32:
             raise InvalidArgument(
                 "cutout", cutout, "must be in 0..31 pixels (0: no cutout), e.g. 8"
+            )
+        if policy not in POLICIES:
+            raise InvalidArgument("policy", policy, f"is unknown; use one of {', '.join(POLICIES)}")
+        if randaugment_n < 0:
+            raise InvalidArgument("randaugment_n", randaugment_n, "must be >= 0, e.g. 2")
+        if not 0 <= randaugment_m < MAGNITUDE_BINS:
+            raise InvalidArgument(
+                "randaugment_m", randaugment_m, f"must be a bin in 0..{MAGNITUDE_BINS - 1}, e.g. 9"
+            )
+        if not 0 <= random_erasing <= 1:
+            raise InvalidArgument(
+                "random_erasing", random_erasing, "must be a probability in [0, 1], e.g. 0.25"
             )
         for name, value in (("max_image_mb", max_image_mb), ("max_total_gb", max_total_gb)):
             if not value > 0:
@@ -215,16 +238,26 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
 
     def transform(self, train: bool) -> v2.Transform:
         mean, std = NORMALIZATION[self.hparams.normalization]
+        augment = train and self.hparams.augment
         steps = []
-        if train and self.hparams.augment:
+        if augment:
             steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-        if self.hparams.image_size != 32:
-            steps.append(v2.Resize(self.hparams.image_size, antialias=True))
+        h = self.hparams
+        policy = torchvision_policy(h.policy, h.randaugment_n, h.randaugment_m) if augment else None
+        if policy is not None:
+            # On the uint8 tensor, not PIL: torchvision's tensor kernels, which the tensor
+            # path's batched ops reproduce exactly.
+            steps += [v2.ToImage(), policy]
+        if h.image_size != 32:
+            steps.append(v2.Resize(h.image_size, antialias=True))
         steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        if train and self.hparams.augment and self.hparams.cutout:
+        if augment and h.cutout:
             # One square of fixed side (the same fraction of any image size), anywhere inside.
-            area = (self.hparams.cutout / 32) ** 2
+            area = (h.cutout / 32) ** 2
             steps.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
+        if augment and h.random_erasing:
+            erasing = v2.RandomErasing(h.random_erasing, ERASING_SCALE, ERASING_RATIO, value=0)
+            steps.append(erasing)
         return v2.Compose(steps)
 
     def predict_transform(self) -> v2.Transform:
@@ -262,6 +295,10 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
             index=index,
             augment=train and self.hparams.augment,
             cutout=self.hparams.cutout if train and self.hparams.augment else 0,
+            policy=self.hparams.policy if train and self.hparams.augment else "none",
+            randaugment_n=self.hparams.randaugment_n,
+            randaugment_m=self.hparams.randaugment_m,
+            random_erasing=self.hparams.random_erasing if train and self.hparams.augment else 0,
             image_size=self.hparams.image_size,
             channels_last=self.hparams.channels_last,
             shuffle=train,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .policies import BatchPolicy, erase, random_erasing
 from .sampling import ResumableSampler
 
 
@@ -59,12 +60,10 @@ def cutout(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
     """
     batch, _, h, w = images.shape
     device = images.device
-    top = torch.randint(0, h - size + 1, (batch, 1), device=device, generator=generator)
-    left = torch.randint(0, w - size + 1, (batch, 1), device=device, generator=generator)
-    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
-    in_rows = (rows >= top) & (rows < top + size)  # (B, H)
-    in_cols = (cols >= left) & (cols < left + size)  # (B, W)
-    return images.masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+    top = torch.randint(0, h - size + 1, (batch,), device=device, generator=generator)
+    left = torch.randint(0, w - size + 1, (batch,), device=device, generator=generator)
+    sides = torch.full_like(top, size)
+    return erase(images, top, left, sides, sides)
 
 
 class TensorLoader:
@@ -83,6 +82,9 @@ class TensorLoader:
         augment: random crop with `padding` zero pixels and horizontal flip.
         cutout: side of the square zeroed in each image at 32 px (0: none); scaled with
             `image_size`.
+        policy, randaugment_n, randaugment_m: an augmentation policy applied after crop and
+            flip, each image with its own draws (policies.BatchPolicy); "none" for none.
+        random_erasing: probability of RandomErasing's box per image, after cutout.
         image_size: output side; other than the input's, bilinear resize (antialiased).
         channels_last: channels-last batches, for channels-last models.
         shuffle, drop_last: as DataLoader's.
@@ -102,6 +104,10 @@ class TensorLoader:
         augment: bool = False,
         padding: int = 4,
         cutout: int = 0,
+        policy: str = "none",
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
+        random_erasing: float = 0.0,
         image_size: int | None = None,
         channels_last: bool = False,
         shuffle: bool = False,
@@ -121,6 +127,13 @@ class TensorLoader:
         self.image_size = image_size or images.shape[1]
         self.cutout = round(cutout * self.image_size / images.shape[1])
         self.seed, self.rank = seed, rank
+        _, height, width, _ = images.shape
+        self.policy = None
+        if policy != "none":
+            self.policy = BatchPolicy(
+                policy, randaugment_n, randaugment_m, height, width, images.device
+            )
+        self.random_erasing = random_erasing
         # Lightning calls loader.sampler.set_epoch(epoch) as it does for DataLoaders, and reads
         # batch_sampler (to check evaluation shuffling); batches are cut from the sampler's
         # order directly.
@@ -172,6 +185,8 @@ class TensorLoader:
             images = random_crop_flip(images, self.padding, generator)
         else:
             images = images.permute(0, 3, 1, 2)
+        if self.policy is not None:
+            images = self.policy(images, generator)
         # Permuted (B, H, W, C) memory is channels-last; an NCHW copy is cheapest in uint8.
         images = images if self.channels_last else images.contiguous()
         images = images.float().mul_(self.scale).add_(self.shift)
@@ -181,5 +196,7 @@ class TensorLoader:
             )
         if self.cutout:
             images = cutout(images, self.cutout, generator)
+        if self.random_erasing:
+            images = random_erasing(images, self.random_erasing, generator)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.contiguous(memory_format=memory_format)

@@ -4,7 +4,7 @@ Four measurements; each figure is taken in the same run as the figures it is com
 
 1. pipeline: input images/s of the torchvision/PIL path (DataLoader workers) against
    the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any;
-   and of data=imagefolder decoding 500x375 JPEG photos to 224 px crops (the ImageNet path).
+   then at 32 px with each augmentation policy, without and with random erasing (p = 0.25).
 2. train: training images/s and peak memory per model, precision and memory format, through
    the plain loop (plain_loop.py) fed by the tensor path; on a GPU also experiment=seed_resnet50
    (ResNet-50 at 224 px, fp32, PIL pipeline with 2 workers) as the baseline.
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from resnet_lightning.atomic_files import write_json
 from resnet_lightning.callbacks.epoch_timer import EpochTimer
 from resnet_lightning.data import CifarDataModule, ImageFolderDataModule
+from resnet_lightning.data.policies import POLICIES
 from resnet_lightning.errors import UsageError
 from resnet_lightning.models import create_model
 from resnet_lightning.tools.export import EXPORTERS, without_grad
@@ -98,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per pipeline row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--pipeline-batch", type=int, default=256)
+    parser.add_argument(
+        "--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="pipeline rows"
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
     parser.add_argument("--precisions", nargs="+", default=None, help="default: by device")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per train row")
@@ -128,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.workers, args.pipeline_batch = 0.3, [0], 32
+        args.policies = ["trivialaugment"]
         args.models = args.models or ["resnet20"]
         args.precisions = args.precisions or ["32-true"]
         args.steps = args.steps or 2
@@ -224,24 +229,48 @@ def timed_batches(
 def bench_pipelines(args: argparse.Namespace) -> list[dict]:
     rows = []
     for device_name in args.devices:
-        device = torch.device(device_name)
         for size in (32, 224):
-            common = {"batch_size": args.pipeline_batch, "image_size": size}
-            if size == 224:
-                common["normalization"] = "imagenet"
-            for workers in args.workers:
-                dm = datamodule(args, num_workers=workers, **common)
-                images, seconds = timed_batches(dm.train_dataloader(), device, args.seconds)
-                rows.append(
-                    pipeline_row("torchvision", device_name, size, workers, images, seconds)
-                )
-            dm = datamodule(args, pipeline="tensor", **common)
-            loader = dm.tensor_loader("train", device)
-            images, seconds = timed_batches(loader, device, args.seconds)
-            row = pipeline_row("tensor", device_name, size, None, images, seconds)
-            row["dataset_mb"] = round(dataset_bytes(dm) / 2**20)
-            rows.append(row)
-            print(f"pipeline {device_name} {size} px done", flush=True)
+            rows += pipeline_rows(args, device_name, size, "none", 0.0)
+        for policy in args.policies:
+            for erasing in (0.0, 0.25):
+                if (policy, erasing) != ("none", 0.0):  # measured above
+                    rows += pipeline_rows(args, device_name, 32, policy, erasing)
+    return rows
+
+
+def pipeline_rows(
+    args: argparse.Namespace, device_name: str, size: int, policy: str, erasing: float
+) -> list[dict]:
+    """Both paths' training batches at `size` px with `policy` and random erasing."""
+    device = torch.device(device_name)
+    common = {"batch_size": args.pipeline_batch, "image_size": size}
+    common |= {"policy": policy, "random_erasing": erasing}
+    if size == 224:
+        common["normalization"] = "imagenet"
+
+    def row(pipeline: str, workers: int | None, images: int, seconds: float) -> dict:
+        return {
+            "pipeline": pipeline,
+            "device": device_name,
+            "image_size": size,
+            "workers": workers,
+            "policy": policy,
+            "random_erasing": erasing,
+            "images": images,
+            "images_per_s": round(images / seconds, 1),
+        }
+
+    rows = []
+    for workers in args.workers:
+        dm = datamodule(args, num_workers=workers, **common)
+        rows.append(
+            row("torchvision", workers, *timed_batches(dm.train_dataloader(), device, args.seconds))
+        )
+    dm = datamodule(args, pipeline="tensor", **common)
+    loader = dm.tensor_loader("train", device)
+    rows.append(row("tensor", None, *timed_batches(loader, device, args.seconds)))
+    rows[-1]["dataset_mb"] = round(dataset_bytes(dm) / 2**20)
+    print(f"pipeline {device_name} {size} px, policy {policy}, erasing {erasing} done", flush=True)
     return rows
 
 
@@ -257,10 +286,8 @@ def bench_image_folder(args: argparse.Namespace) -> list[dict]:
             label = int(arrays.train_labels[i])
             file = tree / "train" / arrays.classes[label] / f"{i:05d}.jpg"
             file.parent.mkdir(parents=True, exist_ok=True)
-            image = Image.fromarray(arrays.train_images[i].numpy()).resize(
-                (500, 375), Image.BICUBIC
-            )
-            image.save(file, quality=90)
+            image = Image.fromarray(arrays.train_images[i].numpy())
+            image.resize((500, 375), Image.BICUBIC).save(file, quality=90)
         for device_name in args.devices:
             for workers in args.workers:
                 dm = ImageFolderDataModule(
@@ -271,25 +298,22 @@ def bench_image_folder(args: argparse.Namespace) -> list[dict]:
                     val_size=0.1,
                 )
                 dm.setup()
-                loader = dm.train_dataloader()
-                images, seconds = timed_batches(loader, torch.device(device_name), args.seconds)
-                name = "imagefolder (JPEG 500x375)"
-                rows.append(pipeline_row(name, device_name, 224, workers, images, seconds))
+                device = torch.device(device_name)
+                images, seconds = timed_batches(dm.train_dataloader(), device, args.seconds)
+                rows.append(
+                    {
+                        "pipeline": "imagefolder (JPEG 500x375)",
+                        "device": device_name,
+                        "image_size": 224,
+                        "workers": workers,
+                        "policy": "none",
+                        "random_erasing": 0.0,
+                        "images": images,
+                        "images_per_s": round(images / seconds, 1),
+                    }
+                )
     print("pipeline image folder done", flush=True)
     return rows
-
-
-def pipeline_row(
-    pipeline: str, device: str, size: int, workers: int | None, images: int, seconds: float
-) -> dict:
-    return {
-        "pipeline": pipeline,
-        "device": device,
-        "image_size": size,
-        "workers": workers,
-        "images": images,
-        "images_per_s": round(images / seconds, 1),
-    }
 
 
 def dataset_bytes(dm: CifarDataModule) -> int:
@@ -557,6 +581,8 @@ TABLE_COLUMNS = {
         "device": "device",
         "px": "image_size",
         "workers": "workers",
+        "policy": "policy",
+        "erasing": "random_erasing",
         "images/s": "images_per_s",
     },
     "train": {
