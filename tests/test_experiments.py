@@ -28,6 +28,8 @@ RECIPES = [
     "resnext29_8x64d",
     "densenet_bc100",
     "finetune_pretrained",
+    "resnet18_modern",
+    "wrn28_10_modern",
 ]
 FIGURE_CALLBACKS = (
     "confusion_matrix",
@@ -111,6 +113,50 @@ def test_degradation_is_one_multirun_over_plain_and_residual_nets():
         "resnet56",
     ]
     assert cfg.trainer.max_steps == 64000  # each job is paper_cifar
+
+
+def test_modern_recipes_are_their_sources():
+    # Müller & Hutter 2021's CIFAR setup: SGD Nesterov 0.1, wd 5e-4, batch 128, cosine over
+    # 200 epochs, TrivialAugment then a 16 px cutout; both add warm-up and the weights' EMA.
+    for experiment, model in (("wrn28_10_modern", "wrn28_10"), ("resnet18_modern", "resnet18")):
+        cfg = compose_config([f"experiment={experiment}"])
+        opt, data = cfg.optimizer, cfg.data
+        assert cfg.model.name == model
+        assert (opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == (0.1, 0.9, True, 5e-4)
+        assert (data.batch_size, data.policy, data.cutout, data.augment) == (
+            128,
+            "trivialaugment",
+            16,
+            True,
+        )
+        assert cfg.scheduler._target_.endswith("CosineAnnealingLR")
+        assert cfg.trainer.max_epochs == cfg.scheduler.T_max == 200
+        assert cfg.callbacks.ema.decay == 0.999 and cfg.module.warmup_epochs == 1
+    modern = compose_config(["experiment=resnet18_modern"])
+    assert (modern.model.stem, modern.module.label_smoothing, modern.module.no_decay_bn_bias) == (
+        "cifar",
+        0.1,
+        True,
+    )
+
+
+def test_imagenet_recipe_is_torchvisions_reference():
+    cfg = compose_config(["experiment=imagenet_resnet50"])
+    opt, data = cfg.optimizer, cfg.data
+    assert (cfg.model.name, cfg.model.stem) == ("resnet50", "imagenet")
+    assert (opt.lr, opt.momentum, opt.weight_decay, cfg.module.lr_reference_batch) == (
+        0.1,
+        0.9,
+        1e-4,
+        256,
+    )
+    assert (list(cfg.scheduler.milestones), cfg.scheduler.gamma, cfg.trainer.max_epochs) == (
+        [30, 60],
+        0.1,
+        90,
+    )
+    assert (data.image_size, data.resize_size, data.batch_size) == (224, 256, 32)
+    assert cfg.trainer.strategy == "ddp"
 
 
 def test_finetune_pretrained_loads_weights_into_a_new_10_class_head(tmp_path):

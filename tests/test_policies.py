@@ -156,11 +156,11 @@ def test_both_data_paths_augment_real_images_alike(name, data_root, cifar_archiv
     )
 
 
-# About 15 s a run here: the torchvision path's run joins the slow tier (make test-all); its
-# wiring is checked in-process above.
-@pytest.mark.parametrize(
-    "pipeline", [pytest.param("torchvision", marks=pytest.mark.slow), "tensor"]
-)
+# About 15 s a run here (a process of its own): the slow tier (make test-all). The policies'
+# wiring is checked in-process above, and test_regularization.py trains with a policy on both
+# paths in-process.
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["torchvision", "tensor"])
 def test_a_tiny_run_trains_with_trivialaugment_and_erasing(pipeline, tmp_path, data_overrides):
     run_dir = tmp_path / "run"
     overrides = [

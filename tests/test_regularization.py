@@ -154,7 +154,7 @@ def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("pipeline", ["torchvision", "tensor"])
-def test_mixed_run_trains_and_logs_finite_loss_and_accuracy(
+def test_run_with_every_modern_switch_trains_and_logs_finite_metrics(
     pipeline, tmp_path, data_overrides, capfd, monkeypatch
 ):
     run_dir = tmp_path / "run"
@@ -172,6 +172,13 @@ def test_mixed_run_trains_and_logs_finite_loss_and_accuracy(
         f"data.pipeline={pipeline}",
         "data.mixup_alpha=0.2",
         "data.cutmix_alpha=1.0",
+        # The other modern switches in the same run: they compose.
+        "data.policy=trivialaugment",
+        "data.random_erasing=0.25",
+        "model.drop_path=0.1",
+        "module.no_decay_bn_bias=true",
+        "module.label_smoothing=0.1",
+        "trainer.gradient_clip_val=1.0",
         f"hydra.run.dir={run_dir}",
     ]
     code, stderr = run_main(args, capfd, monkeypatch)
