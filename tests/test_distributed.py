@@ -91,10 +91,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
-    run_dir = tmp_path / "run"
+def torchrun_two_nodes(args: list[str]) -> list[str]:
+    """`python -m resnet_lightning ARGS` as two single-process torchrun "nodes" over localhost;
+    their outputs, after both succeeded."""
     port = free_port()
-    args = [*DDP, "model=resnet20", "trainer.num_nodes=2", "trainer.devices=1", *data_overrides]
     nodes = [
         subprocess.Popen(
             [
@@ -109,7 +109,6 @@ def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
                 "-m",
                 "resnet_lightning",
                 *args,
-                f"hydra.run.dir={run_dir}",
             ],
             cwd=REPO,
             env=cli_env(),
@@ -121,6 +120,13 @@ def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
+    return outputs
+
+
+def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    args = [*DDP, "model=resnet20", "trainer.num_nodes=2", "trainer.devices=1", *data_overrides]
+    outputs = torchrun_two_nodes([*args, f"hydra.run.dir={run_dir}"])
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     assert {p.name for p in run_dir.iterdir()} == JOB_FILES
     assert (run_dir / "train.log").read_text().count("metrics: ") == 1  # rank 0's alone
@@ -194,32 +200,6 @@ def test_ddp_ranks_read_disjoint_shards_of_an_image_folder(photos, tmp_path):
 
 
 def test_torchrun_nodes_read_disjoint_shards_of_an_image_folder(photos, tmp_path):
-    port = free_port()
     args = [*photo_shard_args(photos, tmp_path), "trainer=ddp_cpu", "trainer.num_nodes=2"]
-    args += ["trainer.devices=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "-m",
-                "resnet_lightning",
-                *args,
-            ],
-            cwd=REPO,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
+    torchrun_two_nodes([*args, "trainer.devices=1", f"hydra.run.dir={tmp_path / 'run'}"])
     assert_disjoint_shards(tmp_path / "shards", photos)
