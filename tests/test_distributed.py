@@ -179,12 +179,16 @@ def photo_shard_args(photos, tmp_path) -> list[str]:
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "logger=[]",
+        "module.lr_reference_batch=32",
         "+callbacks.shard_record._target_=tests.shard_record.RecordShard",
         f"+callbacks.shard_record.folder={tmp_path / 'shards'}",
     ]
 
 
 def assert_disjoint_shards(folder, photos) -> None:
+    # The learning rate follows the global batch: 8 images a process, two processes.
+    log = (folder.parent / "run" / "train.log").read_text()
+    assert "Learning rate x0.5: a global batch of 16 (8 x 2 processes x 1 accumulated)" in log
     shards = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["world_size"] for s in shards] == [2, 2]
     files = [set(s["files"]) for s in shards]
