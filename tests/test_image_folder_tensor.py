@@ -22,6 +22,11 @@ from resnet_lightning.errors import DataError
 from tests.cli_harness import TINY, chi_square_agrees, run_main, without_callbacks
 
 MEAN, STD = NORMALIZATION["imagenet"]
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
 
 def datamodule(root, path, **kwargs) -> ImageFolderDataModule:
@@ -52,11 +57,14 @@ def test_batches_are_sized_normalised_and_labelled(photos, tmp_path):
     assert sorted(torch.cat([y for _, y in loader]).tolist()) == sorted(all_labels.tolist())
 
 
-def test_evaluation_batches_equal_the_torchvision_ones(photos, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_batches_equal_the_torchvision_ones(photos, tmp_path, device):
     expected = list(datamodule(tmp_path, photos).val_dataloader())
-    got = list(datamodule(tmp_path, photos, pipeline="tensor").val_dataloader())
+    got = list(datamodule(tmp_path, photos, pipeline="tensor").tensor_loader("val", device))
     assert len(got) == len(expected) == 60 // 8 + 1
     for (images, labels), (want_images, want_labels) in zip(got, expected, strict=True):
+        assert images.device.type == device
+        images, labels = images.cpu(), labels.cpu()
         assert torch.equal(labels, want_labels)
         # Both resize through PIL; the centre crop of the square is the same pixels here
         # (square photos), so only float rounding differs.
@@ -88,17 +96,18 @@ def test_crop_boxes_are_drawn_as_torchvision_draws_them(height, width):
         assert chi_square_agrees(mine, theirs), (mine, theirs)
 
 
-def test_crops_cover_their_boxes_and_half_are_mirrored():
+@pytest.mark.parametrize("device", DEVICES)
+def test_crops_cover_their_boxes_and_half_are_mirrored(device):
     # Red encodes the row and green the column (x8), so a crop's mean reads back its box.
     ramp = torch.arange(16, dtype=torch.uint8) * 8
     image = torch.zeros(16, 16, 3, dtype=torch.uint8)
     image[..., 0], image[..., 1] = ramp[:, None], ramp[None, :]
-    images = image.expand(2000, -1, -1, -1)
+    images = image.to(device).expand(2000, -1, -1, -1)
     top, left, h, w = random_resized_crop_boxes(
-        2000, 16, 16, torch.Generator().manual_seed(1), torch.device("cpu")
+        2000, 16, 16, torch.Generator(device).manual_seed(1), torch.device(device)
     )
-    crops = random_resized_crop_flip(images, 8, torch.Generator().manual_seed(1))
-    assert crops.shape == (2000, 3, 8, 8)
+    crops = random_resized_crop_flip(images, 8, torch.Generator(device).manual_seed(1))
+    assert crops.shape == (2000, 3, 8, 8) and crops.device.type == device
     # Pixel i holds 8 i, centred at i + 0.5: a crop's mean is the value at its box's centre.
     rows, columns = crops[:, 0].mean((1, 2)) / 8, crops[:, 1].mean((1, 2)) / 8
     assert (rows - (top + h / 2 - 0.5)).abs().max() < 0.3
