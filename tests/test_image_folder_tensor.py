@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms
 
 from resnet_lightning.data import NORMALIZATION, ImageFolderDataModule
@@ -68,6 +69,23 @@ def test_evaluation_batches_equal_the_torchvision_ones(photos, tmp_path, device)
         assert torch.equal(labels, want_labels)
         # Both resize through PIL; the centre crop of the square is the same pixels here
         # (square photos), so only float rounding differs.
+        torch.testing.assert_close(images, want_images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(88, 60), (60, 100)])
+def test_non_square_photos_are_evaluated_as_torchvision_does(photos, tmp_path, size):
+    # Wide and tall photos: the square keeps the centre of the longer side, and the centre
+    # crop of that square is torchvision's Resize + CenterCrop of the whole photo.
+    for file in photos.glob("val/*/*.jpg"):
+        reshaped = tmp_path / "photos" / file.relative_to(photos)
+        reshaped.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(file).resize(size, Image.BICUBIC).save(reshaped, quality=90)
+    tree = tmp_path / "photos" / "val"
+    expected = list(datamodule(tmp_path, tree, val_size=30).val_dataloader())
+    got = list(datamodule(tmp_path, tree, val_size=30, pipeline="tensor").val_dataloader())
+    assert sum(len(labels) for _, labels in got) == 30
+    for (images, labels), (want_images, want_labels) in zip(got, expected, strict=True):
+        assert torch.equal(labels, want_labels)
         torch.testing.assert_close(images, want_images, atol=1e-5, rtol=0)
 
 
