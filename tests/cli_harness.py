@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -45,6 +46,16 @@ def make_image_archive(path: Path, train_per_class: int = 600, test_per_class: i
                     buffer.seek(0)
                     archive.addfile(info, buffer)
     return path
+
+
+def chi_square_agrees(a: Counter, b: Counter) -> bool:
+    """Whether two equal-sized samples' counts pass the two-sample chi-square test at
+    p = 0.001 (critical value by Wilson and Hilferty's approximation, within 1% here)."""
+    keys = set(a) | set(b)
+    stat = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in keys)
+    dof = len(keys) - 1
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
+    return stat < critical
 
 
 def make_datamodule(data_root, cifar_archive, **kwargs):

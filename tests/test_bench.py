@@ -37,10 +37,12 @@ def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, 
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_cores"] >= 1 and report["command"].endswith(str(out))
     pipelines = {(r["pipeline"], r["device"], r["image_size"]) for r in report["pipeline"]}
-    folder = ("imagefolder (JPEG 500x375)", "cpu", 224)
-    assert pipelines == {(p, "cpu", s) for p in ("torchvision", "tensor") for s in (32, 224)} | {
-        folder
+    folders = {
+        (p, "cpu", 224) for p in ("imagefolder (JPEG 500x375)", "imagefolder tensor (cache 256)")
     }
+    assert (
+        pipelines == {(p, "cpu", s) for p in ("torchvision", "tensor") for s in (32, 224)} | folders
+    )
     assert all(r["images_per_s"] > 0 for r in report["pipeline"])
     policies = {(r["pipeline"], r["policy"], r["random_erasing"]) for r in report["pipeline"]}
     assert {

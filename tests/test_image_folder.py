@@ -188,9 +188,9 @@ def test_imagefolder_without_a_path_is_one_line(tmp_path, capfd, monkeypatch):
     )
 
 
-def test_tensor_pipeline_is_refused_in_one_line(photos, tmp_path):
-    with pytest.raises(ValueError, match="pipeline='tensor' is not available for image folders"):
-        ImageFolderDataModule(root=str(tmp_path), path=str(photos), pipeline="tensor")
+def test_unknown_pipeline_is_refused_in_one_line(photos, tmp_path):
+    with pytest.raises(ValueError, match="pipeline='dali' is unknown; use one of torchvision, t"):
+        ImageFolderDataModule(root=str(tmp_path), path=str(photos), pipeline="dali")
 
 
 def write_cifar100_pickles(folder: Path, cifar_archive: Path, per_split: dict[str, int]) -> dict:

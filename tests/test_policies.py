@@ -13,19 +13,9 @@ import torch
 from torchvision.transforms import v2
 
 from resnet_lightning.data.policies import BatchPolicy, random_erasing
-from tests.cli_harness import REPO, TINY, make_datamodule, run_cli
+from tests.cli_harness import REPO, TINY, chi_square_agrees, make_datamodule, run_cli
 
 POLICIES = ["autoaugment", "randaugment", "trivialaugment"]
-
-
-def chi_square_agrees(a: Counter, b: Counter) -> bool:
-    """Whether two equal-sized samples' counts pass the two-sample chi-square test at
-    p = 0.001 (critical value by Wilson and Hilferty's approximation, within 1% here)."""
-    keys = set(a) | set(b)
-    stat = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in keys)
-    dof = len(keys) - 1
-    critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
-    return stat < critical
 
 
 @pytest.fixture(scope="module")

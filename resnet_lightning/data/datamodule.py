@@ -102,6 +102,25 @@ def image_loader(
     )
 
 
+def tensor_placement(trainer: L.Trainer | None) -> dict:
+    """tensor_loader's device, rank and world_size under `trainer` (none without one: the CPU,
+    one process)."""
+    if trainer is None:
+        return {}
+    return {
+        "device": trainer.strategy.root_device,
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+    }
+
+
+def concrete_device(device: torch.device) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
     """CIFAR-10, CIFAR-100 (or any 32 px image-folder data set) with a seeded validation split.
 
@@ -310,8 +329,7 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
 
     def _arrays_on(self, device: torch.device) -> CifarArrays:
         # One copy per device, shared by the train, val and test loaders; on the CPU, none.
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = concrete_device(device)
         if self._placed is None or self._placed.train_images.device != device:
             a = self.arrays
             tensors = (a.train_images, a.train_labels, a.test_images, a.test_labels)
@@ -320,11 +338,7 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader | TensorLoader:
         if self.hparams.pipeline == "tensor":
-            trainer = self.trainer  # the loader needs the device and this process's rank
-            if trainer is None:
-                return self.tensor_loader(split)
-            device = trainer.strategy.root_device
-            return self.tensor_loader(split, device, trainer.global_rank, trainer.world_size)
+            return self.tensor_loader(split, **tensor_placement(self.trainer))
         hp = self.hparams
         return image_loader(
             self._dataset(split),

@@ -13,10 +13,15 @@ leaving nothing (a zip before anything is written: it lists its sizes up front).
 is decoded once, in the first run on a set of files, and the unreadable ones are skipped and
 counted in one warning (cached, keyed by the files' names, sizes and times, so later runs do
 not decode them all again).
+
+data.pipeline=tensor decodes each split once more, to one uint8 (N, S, S, 3) tensor of squares
+(S = resize_size: shorter side resized to S, centre cropped), cached beside the others; batches
+are then cut and augmented whole on the training device (tensor_loader.TensorLoader).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +29,8 @@ import shutil
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -35,12 +41,22 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from resnet_lightning.atomic_files import write_json
+from resnet_lightning.atomic_files import write_atomic, write_json
 from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import ReadLimits, iter_files, source_key
-from .datamodule import NORMALIZATION, image_loader, seeded_split, worker_context
+from .datamodule import (
+    NORMALIZATION,
+    PIPELINES,
+    concrete_device,
+    image_loader,
+    seeded_split,
+    tensor_placement,
+    worker_context,
+)
 from .mixing import MixedTrainingBatches, batch_mixer
+from .sampling import run_seed
+from .tensor_loader import TensorLoader
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +181,61 @@ def scan_classes(folders: dict[str, Path], path: object) -> tuple[list[str], dic
     return classes, samples
 
 
+def map_files(function: Callable[[str], object], files: Iterable[str], workers: int) -> Iterator:
+    """function(file) of each file, in order, computed in `workers` processes (0: here)."""
+    if workers == 0:
+        yield from map(function, files)
+        return
+    with worker_context().Pool(workers) as pool:
+        yield from pool.imap(function, files, chunksize=64)
+
+
+def decode_square(file: str, size: int) -> np.ndarray:
+    """The image as torchvision's Resize(size) (shorter side, antialiased) + CenterCrop(size):
+    (size, size, 3) uint8."""
+    with Image.open(file) as image:
+        resized = v2.functional.resize(to_rgb(image), size, antialias=True)
+    return np.array(v2.functional.center_crop(resized, size))
+
+
+def square_images(files: Sequence[str], size: int, cache: Path, workers: int) -> torch.Tensor:
+    """uint8 (N, size, size, 3): each file as decode_square, in `workers` processes, once;
+    kept in `cache` (written whole) for later runs."""
+    if cache.exists():
+        try:
+            images = torch.load(cache, weights_only=True, mmap=True)
+            if images.shape == (len(files), size, size, 3):
+                return images
+        except Exception as err:  # a cache from another version or a broken disk: rebuild it
+            log.warning("rebuilding unreadable cache %s (%s)", cache, err)
+    images = torch.empty(len(files), size, size, 3, dtype=torch.uint8)
+    for i, square in enumerate(map_files(partial(decode_square, size=size), files, workers)):
+        images[i] = torch.from_numpy(square)
+    try:
+        write_atomic(cache, lambda file: torch.save(images, file))
+    except OSError as err:
+        raise DataError(
+            f"cannot write the data cache {cache} ({err}); set data.root to a writable folder"
+        ) from None
+    return images
+
+
+def available_memory() -> int:
+    """Bytes of memory available now: Linux's MemAvailable (free pages plus the page cache it
+    can drop, which a cache file read before fills), else the free pages; elsewhere unbounded."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
 def readable(
     samples: dict[str, list], root: Path, key: str, workers: int
 ) -> tuple[dict[str, list], list[tuple[str, str]]]:
@@ -175,11 +246,7 @@ def readable(
     try:
         bad = {f: why for f, why in json.loads(checked.read_text())["unreadable"]}
     except (OSError, ValueError, KeyError):
-        if workers > 0:
-            with worker_context().Pool(workers) as pool:
-                reasons = pool.map(_unreadable_reason, files, chunksize=64)
-        else:
-            reasons = [_unreadable_reason(f) for f in files]
+        reasons = list(map_files(_unreadable_reason, files, workers))
         bad = {f: why for f, why in zip(files, reasons, strict=True) if why}
         write_json(checked, {"unreadable": sorted(bad.items())})
     kept = {split: [s for s in items if s[0] not in bad] for split, items in samples.items()}
@@ -253,8 +320,9 @@ def _is_image_name(name: str) -> bool:
 
 
 class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
-    """An image-folder data set of any classes and image sizes, decoded per item in workers,
-    with torchvision's classification-reference transforms.
+    """An image-folder data set of any classes and image sizes, decoded per item in workers
+    (or once, to a tensor of squares: pipeline="tensor"), with torchvision's
+    classification-reference transforms.
 
     Args:
         root: cache folder: archives are extracted here, and which images are unreadable.
@@ -270,8 +338,13 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
             image_size square (256 -> 224: torchvision's reference).
         normalization: "imagenet" (pretrained weights expect it) or "cifar" mean/std.
         augment: training crops a random area and aspect (RandomResizedCrop) and mirrors.
-        pipeline: "torchvision" only: the tensor pipeline needs the whole set as one tensor.
-        max_image_mb, max_total_gb: what extracting an archive may take.
+        pipeline: "torchvision" (files decoded per batch in DataLoader workers) or "tensor":
+            every image decoded once to a resize_size square, the set held as one uint8
+            tensor on the training device (refused when it exceeds max_total_gb or the free
+            memory), RandomResizedCrop + flip of the square / its centre crop done per batch.
+        channels_last: "tensor" pipeline: channels-last batches, for channels-last models.
+        max_image_mb, max_total_gb: what extracting an archive may take; max_total_gb also
+            bounds the tensor pipeline's decoded squares.
         mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob: Mixup / CutMix of whole
             training batches, as CifarDataModule's (resnet_lightning.data.mixing).
     """
@@ -291,6 +364,7 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         normalization: str = "imagenet",
         augment: bool = True,
         pipeline: str = "torchvision",
+        channels_last: bool = False,
         max_image_mb: float = 64,
         max_total_gb: float = 200,
         mixup_alpha: float = 0.0,
@@ -317,12 +391,9 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
             raise InvalidArgument(
                 "normalization", normalization, f"is unknown; use one of {', '.join(NORMALIZATION)}"
             )
-        if pipeline != "torchvision":
+        if pipeline not in PIPELINES:
             raise InvalidArgument(
-                "pipeline",
-                pipeline,
-                "is not available for image folders, which are decoded file by file; use "
-                "data.pipeline=torchvision",
+                "pipeline", pipeline, f"is unknown; use one of {', '.join(PIPELINES)}"
             )
         for name, value in (("max_image_mb", max_image_mb), ("max_total_gb", max_total_gb)):
             if not value > 0:
@@ -333,14 +404,31 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         self.read_limits = ReadLimits(max_image_mb, max_total_gb)
         self.classes: list[str] | None = None
         self.samples: dict[str, list[tuple[str, int]]] = {}
+        # pipeline=tensor: {split: (uint8 squares, labels)}, and their copy on the device.
+        self.squares: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._placed: tuple[torch.device, dict] | None = None
 
     def prepare_data(self) -> None:
-        # One process per node: extracts an archive and decodes every image once.
-        self._scan()
+        # One process per node: extracts an archive and decodes every image once (and the
+        # tensor pipeline's squares).
+        if self.hparams.pipeline == "tensor":
+            self._squares(self._split()[1])
+        else:
+            self._scan()
 
     def setup(self, stage: str | None = None) -> None:
         if self.classes is not None:
             return
+        classes, self.samples = self._split()
+        hp = self.hparams
+        mixing = (hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob, hp.mix_switch_prob)
+        self.mixer = batch_mixer(len(classes), *mixing)
+        if hp.pipeline == "tensor":
+            self.squares = self._squares(self.samples)
+        self.classes = classes
+
+    def _split(self) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+        """The class names and the train/val/test (file, label) lists."""
         hp = self.hparams
         folders, classes, samples = self._scan()
         if hp.num_classes is not None and len(classes) != hp.num_classes:
@@ -352,13 +440,13 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         if val_size is None and "all" in samples:
             val_size = 0.1
         if val_size is None:
-            self.samples = {split: samples[split] for split in ("train", "val", "test")}
+            split_samples = {split: samples[split] for split in ("train", "val", "test")}
         else:
             train = samples.get("train", samples.get("all"))
             count = round(len(train) * val_size) if val_size < 1 else int(val_size)
             train_index, val_index = seeded_split(len(train), max(count, 1), hp.split_seed)
             held_out = [train[i] for i in val_index.tolist()]
-            self.samples = {
+            split_samples = {
                 "train": [train[i] for i in train_index.tolist()],
                 "val": held_out,
                 "test": samples.get("test", held_out),
@@ -366,13 +454,41 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         # A fixed shuffle of the evaluation files (sorted by class as found): a run limited to
         # a few validation or test batches still sees every class.
         for split in ("val", "test"):
-            order = torch.randperm(
-                len(self.samples[split]), generator=torch.Generator().manual_seed(0)
-            )
-            self.samples[split] = [self.samples[split][i] for i in order.tolist()]
-        self.classes = classes
-        mixing = (hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob, hp.mix_switch_prob)
-        self.mixer = batch_mixer(len(classes), *mixing)
+            items = split_samples[split]
+            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))
+            split_samples[split] = [items[i] for i in order.tolist()]
+        return classes, split_samples
+
+    def _squares(self, samples: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{split: (uint8 (N, S, S, 3) squares, labels)}, S = resize_size, decoded once per
+        split into data.root (a split with the same files as an earlier one shares its copy);
+        refused before decoding when they would not fit in max_total_gb or in memory."""
+        hp = self.hparams
+        size = hp.resize_size
+        distinct = {}  # split -> the first split with the same files
+        for split, items in samples.items():
+            distinct[split] = next(s for s in samples if samples[s] == items)
+        count = sum(len(samples[s]) for s in set(distinct.values()))
+        need, free = count * size * size * 3, available_memory()
+        for limit, what in ((hp.max_total_gb * 2**30, "data.max_total_gb"), (free, "free memory")):
+            if need > limit:
+                raise DataError(
+                    f"data.pipeline=tensor needs {need / 2**30:.1f} GB for {count} images at "
+                    f"data.resize_size={size}, more than the {limit / 2**30:.1f} GB of {what}; "
+                    "use data.pipeline=torchvision (decodes per batch), or a smaller resize_size"
+                )
+        root, key = Path(hp.root).expanduser(), source_key(hp.path)
+        squares = {}
+        for split, items in samples.items():
+            if distinct[split] != split:
+                squares[split] = squares[distinct[split]]
+                continue
+            files = [f for f, _ in items]
+            digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:12]
+            cache = root / f"imagefolder-{key}-{split}-{size}px-{digest}-v{CACHE_VERSION}.pt"
+            images = square_images(files, size, cache, hp.num_workers)
+            squares[split] = (images, torch.tensor([label for _, label in items]))
+        return squares
 
     def _scan(self) -> tuple[dict[str, Path], list[str], dict[str, list]]:
         hp = self.hparams
@@ -414,18 +530,57 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         """Any picture, as a test image (the caller opens it as RGB)."""
         return self.transform(train=False)
 
-    def _loader(self, split: str) -> DataLoader:
+    def tensor_loader(
+        self, split: str, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+    ) -> TensorLoader:
+        """The `pipeline=tensor` loader of a split, its squares on `device`; rank `rank` of
+        `world_size` gets its shard of each epoch."""
         hp = self.hparams
+        images, labels = self._squares_on(torch.device(device))[split]
+        train = split == "train"
+        mean, std = NORMALIZATION[hp.normalization]
+        return TensorLoader(
+            images,
+            labels,
+            hp.batch_size,
+            mean,
+            std,
+            augment=train and hp.augment,
+            random_resized_crop=True,
+            image_size=hp.image_size,
+            channels_last=hp.channels_last,
+            shuffle=train,
+            drop_last=train,
+            seed=run_seed(),
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _squares_on(self, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # One copy per device, shared by the loaders (and by splits sharing their files).
+        device = concrete_device(device)
+        if self._placed is None or self._placed[0] != device:
+            moved = {}
+            for pair in self.squares.values():
+                if id(pair) not in moved:
+                    moved[id(pair)] = tuple(t.to(device) for t in pair)
+            self._placed = (device, {s: moved[id(p)] for s, p in self.squares.items()})
+        return self._placed[1]
+
+    def _loader(self, split: str) -> DataLoader | TensorLoader:
+        hp = self.hparams
+        if hp.pipeline == "tensor":
+            return self.tensor_loader(split, **tensor_placement(self.trainer))
         dataset = ImageFiles(self.samples[split], self.transform(split == "train"))
         return image_loader(
             dataset, split == "train", hp.batch_size, hp.num_workers, hp.pin_memory, self.trainer
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader("test")

@@ -4,7 +4,9 @@ The torchvision path decodes every image through PIL in Python; here the data se
 (N, H, W, C) uint8 tensor (on the GPU when training there) and each batch is gathered, cropped,
 flipped, normalised and resized by a handful of tensor ops. The transforms match the
 torchvision ones in distribution: crop offsets uniform over 0..2*padding with zero padding,
-flips with probability 0.5, cutout squares uniform over the image.
+flips with probability 0.5, cutout squares uniform over the image; for larger images
+(random_resized_crop) RandomResizedCrop's areas and aspects, each batch's crops resized by
+one roi_align.
 
 Sharding follows DistributedSampler: every rank draws the same permutation from the seed and
 the epoch, and takes its own slice of it.
@@ -13,6 +15,7 @@ the epoch, and takes its own slice of it.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import roi_align
 
 from .policies import BatchPolicy, erase, random_erasing
 from .sampling import ResumableSampler
@@ -53,6 +57,65 @@ def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -
     return windows[torch.arange(size, device=device) + size * flip, dy, dx]
 
 
+def random_resized_crop_boxes(
+    size: int, height: int, width: int, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(top, left, h, w) of `size` crops drawn as torchvision's RandomResizedCrop.get_params:
+    area (0.08, 1) of the image, aspect (3/4, 4/3) log-uniform, the first of 10 tries that
+    fits, else the centre crop clamped to that aspect. All tries drawn at once."""
+    tries = 10
+    fraction = torch.empty(size, tries, device=device).uniform_(0.08, 1, generator=generator)
+    area = height * width * fraction
+    log_ratio = torch.empty(size, tries, device=device)
+    aspect = log_ratio.uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).exp_()
+    w = (area * aspect).sqrt_().round_().long()
+    h = (area / aspect).sqrt_().round_().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    fallback = ~fits.any(1)
+    # torchvision's fallback: the whole image, trimmed to the nearest allowed aspect.
+    ratio = width / height
+    fall_w = width if ratio <= 4 / 3 else round(height * 4 / 3)
+    fall_h = height if ratio >= 3 / 4 else round(width / (3 / 4))
+    h, w = torch.where(fallback, fall_h, h), torch.where(fallback, fall_w, w)
+    # randint(0, height - h + 1) per image, as a uniform draw scaled to each range.
+    offsets = torch.rand(2, size, device=device, generator=generator)
+    top = (offsets[0] * (height - h + 1)).long()
+    left = (offsets[1] * (width - w + 1)).long()
+    top = torch.where(fallback, (height - h) // 2, top)
+    left = torch.where(fallback, (width - w) // 2, left)
+    return top, left, h, w
+
+
+def random_resized_crop_flip(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip of each (H, W, C) uint8 image, as one
+    roi_align (bilinear, averaging over each output pixel's area as an antialiased resize
+    does); returns float (B, C, size, size) on the 0..255 scale."""
+    batch, height, width, _ = images.shape
+    device = images.device
+    top, left, h, w = random_resized_crop_boxes(batch, height, width, generator, device)
+    flip = torch.rand(batch, device=device, generator=generator) < 0.5
+    # Boxes in pixel-edge coordinates (aligned=True: pixel i spans [i, i + 1)).
+    boxes = torch.stack([left, top, left + w, top + h], 1).float()
+    index = torch.arange(batch, device=device, dtype=boxes.dtype)[:, None]
+    crops = roi_align(
+        images.permute(0, 3, 1, 2).float(),
+        torch.cat([index, boxes], 1),
+        output_size=size,
+        aligned=True,
+    )
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The centre size x size square of each (H, W, C) image, offsets rounded as torchvision's
+    CenterCrop; returns (B, C, size, size) (a view with channels-last strides)."""
+    _, height, width, _ = images.shape
+    top, left = round((height - size) / 2), round((width - size) / 2)
+    return images[:, top : top + size, left : left + size].permute(0, 3, 1, 2)
+
+
 def cutout(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
     """Zero one size x size square per image, placed uniformly inside it (in place).
 
@@ -80,6 +143,9 @@ class TensorLoader:
         mean, std: per-channel normalisation, on the 0..1 scale.
         index: the positions in `images` this loader serves (e.g. a validation split).
         augment: random crop with `padding` zero pixels and horizontal flip.
+        random_resized_crop: the ImageNet recipe instead, for images larger than
+            `image_size` (image folders): training crops RandomResizedCrop(image_size) and
+            flips, evaluation takes the centre image_size square.
         cutout: side of the square zeroed in each image at 32 px (0: none); scaled with
             `image_size`.
         policy, randaugment_n, randaugment_m: an augmentation policy applied after crop and
@@ -103,6 +169,7 @@ class TensorLoader:
         index: Tensor | None = None,
         augment: bool = False,
         padding: int = 4,
+        random_resized_crop: bool = False,
         cutout: int = 0,
         policy: str = "none",
         randaugment_n: int = 2,
@@ -124,11 +191,16 @@ class TensorLoader:
         self.index = torch.arange(len(labels)) if index is None else index.cpu()
         self.batch_size, self.drop_last = batch_size, drop_last
         self.augment, self.padding, self.channels_last = augment, padding, channels_last
+        self.random_resized_crop = random_resized_crop
         self.image_size = image_size or images.shape[1]
         self.cutout = round(cutout * self.image_size / images.shape[1])
         self.seed, self.rank = seed, rank
         _, height, width, _ = images.shape
         self.policy = None
+        if policy != "none" and random_resized_crop:
+            raise ValueError(
+                "the policies take uint8 crops, which random_resized_crop does not give"
+            )
         if policy != "none":
             self.policy = BatchPolicy(
                 policy, randaugment_n, randaugment_m, height, width, images.device
@@ -181,7 +253,11 @@ class TensorLoader:
 
     def transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """uint8 (B, H, W, C) -> float32 (B, C, S, S), normalised and augmented."""
-        if self.augment:
+        if self.random_resized_crop and self.augment:
+            images = random_resized_crop_flip(images, self.image_size, generator)
+        elif self.random_resized_crop:
+            images = center_crop(images, self.image_size)
+        elif self.augment:
             images = random_crop_flip(images, self.padding, generator)
         else:
             images = images.permute(0, 3, 1, 2)

@@ -276,8 +276,10 @@ def pipeline_rows(
 
 def bench_image_folder(args: argparse.Namespace) -> list[dict]:
     """data=imagefolder at 224 px: JPEG photos decoded, RandomResizedCrop + flip'd and
-    normalised in DataLoader workers, the ImageNet path. The photos are CIFAR-10 training
-    images enlarged to ImageNet's typical 500x375 and saved as JPEG (quality 90)."""
+    normalised in DataLoader workers, the ImageNet path; then the tensor path (the photos
+    decoded once to 256 px squares, batches cropped whole on the device). The photos are
+    CIFAR-10 training images enlarged to ImageNet's typical 500x375 and saved as JPEG
+    (quality 90)."""
     count = 64 if args.quick else 1024
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,23 +291,29 @@ def bench_image_folder(args: argparse.Namespace) -> list[dict]:
             image = Image.fromarray(arrays.train_images[i].numpy())
             image.resize((500, 375), Image.BICUBIC).save(file, quality=90)
         for device_name in args.devices:
-            for workers in args.workers:
+            device = torch.device(device_name)
+            for workers in (*args.workers, "tensor"):
+                tensor = workers == "tensor"
                 dm = ImageFolderDataModule(
                     root=tmp,
                     path=str(tree / "train"),
                     batch_size=args.pipeline_batch,
-                    num_workers=workers,
+                    # The tensor path decodes the squares once (not timed) in these workers.
+                    num_workers=max(args.workers) if tensor else workers,
                     val_size=0.1,
+                    pipeline="tensor" if tensor else "torchvision",
                 )
                 dm.setup()
-                device = torch.device(device_name)
-                images, seconds = timed_batches(dm.train_dataloader(), device, args.seconds)
+                loader = dm.tensor_loader("train", device) if tensor else dm.train_dataloader()
+                images, seconds = timed_batches(loader, device, args.seconds)
                 rows.append(
                     {
-                        "pipeline": "imagefolder (JPEG 500x375)",
+                        "pipeline": "imagefolder tensor (cache 256)"
+                        if tensor
+                        else "imagefolder (JPEG 500x375)",
                         "device": device_name,
                         "image_size": 224,
-                        "workers": workers,
+                        "workers": None if tensor else workers,
                         "policy": "none",
                         "random_erasing": 0.0,
                         "images": images,
