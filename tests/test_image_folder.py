@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR100
 
 from resnet_lightning.data import CifarDataModule, ImageFolderDataModule, load_cifar
-from resnet_lightning.errors import DataError
+from resnet_lightning.errors import DataError, InvalidArgument
 from tests.cli_harness import PHOTO_CLASSES as CLASSES
 from tests.cli_harness import TINY, compose_config, run_cli, run_main
 
@@ -358,3 +358,31 @@ def test_finetune_on_photos_then_predict_names_the_classes(photos, tmp_path, ima
     named = dict(pair.rsplit(" ", 1) for pair in line.split(": ", 1)[1].split(", "))
     assert set(named) == set(CLASSES)
     assert sum(float(p) for p in named.values()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_photo_policies_are_torchvisions_with_imagenets_autoaugment(photos, tmp_path):
+    from torchvision.transforms import v2
+
+    steps = datamodule(tmp_path, photos, policy="autoaugment").transform(train=True).transforms
+    (policy,) = [s for s in steps if isinstance(s, v2.AutoAugment)]
+    assert policy.policy == v2.AutoAugmentPolicy.IMAGENET
+    steps = datamodule(tmp_path, photos, policy="trivialaugment").transform(train=False).transforms
+    assert not any(isinstance(s, v2.TrivialAugmentWide) for s in steps)  # training only
+
+
+@pytest.mark.parametrize("pipeline", ["torchvision", "tensor"])
+def test_photo_random_erasing_boxes_every_training_image(pipeline, photos, tmp_path):
+    kwargs = {"pipeline": pipeline, "random_erasing": 1.0}
+    if pipeline == "torchvision":
+        kwargs["policy"] = "trivialaugment"
+    images, _ = next(iter(datamodule(tmp_path, photos, **kwargs).train_dataloader()))
+    # Erased pixels are exactly 0 (the mean colour) in all three channels; photos never are.
+    erased = (images == 0).all(dim=1).flatten(1).sum(1)
+    assert images.shape == (8, 3, 64, 64) and (erased > 0).all()
+    images, _ = next(iter(datamodule(tmp_path, photos, pipeline=pipeline).train_dataloader()))
+    assert ((images == 0).all(dim=1).flatten(1).sum(1) == 0).all()
+
+
+def test_photo_policy_on_the_tensor_path_is_one_line(photos, tmp_path):
+    with pytest.raises(InvalidArgument, match="policy='trivialaugment' needs data.pipeline="):
+        datamodule(tmp_path, photos, pipeline="tensor", policy="trivialaugment")

@@ -15,7 +15,7 @@ from resnet_lightning.errors import DataError, InvalidArgument
 
 from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
 from .mixing import MixedTrainingBatches, batch_mixer
-from .policies import ERASING_RATIO, ERASING_SCALE, MAGNITUDE_BINS, POLICIES, torchvision_policy
+from .policies import ERASING_RATIO, ERASING_SCALE, check_augmentation, torchvision_policy
 from .sampling import ResumableDataLoader, ResumableSampler, run_seed
 from .tensor_loader import TensorLoader, intra_op_threads
 
@@ -207,18 +207,7 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
             raise InvalidArgument(
                 "cutout", cutout, "must be in 0..31 pixels (0: no cutout), e.g. 8"
             )
-        if policy not in POLICIES:
-            raise InvalidArgument("policy", policy, f"is unknown; use one of {', '.join(POLICIES)}")
-        if randaugment_n < 0:
-            raise InvalidArgument("randaugment_n", randaugment_n, "must be >= 0, e.g. 2")
-        if not 0 <= randaugment_m < MAGNITUDE_BINS:
-            raise InvalidArgument(
-                "randaugment_m", randaugment_m, f"must be a bin in 0..{MAGNITUDE_BINS - 1}, e.g. 9"
-            )
-        if not 0 <= random_erasing <= 1:
-            raise InvalidArgument(
-                "random_erasing", random_erasing, "must be a probability in [0, 1], e.g. 0.25"
-            )
+        check_augmentation(policy, randaugment_n, randaugment_m, random_erasing)
         for name, value in (("max_image_mb", max_image_mb), ("max_total_gb", max_total_gb)):
             if not value > 0:
                 raise InvalidArgument(name, value, "must be positive")

@@ -55,6 +55,7 @@ from .datamodule import (
     worker_context,
 )
 from .mixing import MixedTrainingBatches, batch_mixer
+from .policies import ERASING_RATIO, ERASING_SCALE, check_augmentation, torchvision_policy
 from .sampling import run_seed
 from .tensor_loader import TensorLoader
 
@@ -338,6 +339,11 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
             image_size square (256 -> 224: torchvision's reference).
         normalization: "imagenet" (pretrained weights expect it) or "cifar" mean/std.
         augment: training crops a random area and aspect (RandomResizedCrop) and mirrors.
+        policy, randaugment_n, randaugment_m: with `augment`, an augmentation policy after
+            crop and flip, as CifarDataModule's (AutoAugment with its ImageNet policy);
+            torchvision pipeline only.
+        random_erasing: with `augment`, the probability of RandomErasing's box, after
+            normalisation (both pipelines).
         pipeline: "torchvision" (files decoded per batch in DataLoader workers) or "tensor":
             every image decoded once to a resize_size square, the set held as one uint8
             tensor on the training device (refused when it exceeds max_total_gb or the free
@@ -363,6 +369,10 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         resize_size: int = 256,
         normalization: str = "imagenet",
         augment: bool = True,
+        policy: str = "none",
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
+        random_erasing: float = 0.0,
         pipeline: str = "torchvision",
         channels_last: bool = False,
         max_image_mb: float = 64,
@@ -390,6 +400,14 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         if normalization not in NORMALIZATION:
             raise InvalidArgument(
                 "normalization", normalization, f"is unknown; use one of {', '.join(NORMALIZATION)}"
+            )
+        check_augmentation(policy, randaugment_n, randaugment_m, random_erasing)
+        if pipeline == "tensor" and policy != "none":
+            raise InvalidArgument(
+                "policy",
+                policy,
+                "needs data.pipeline=torchvision for image folders (the tensor path's policies "
+                "take uint8 crops, its RandomResizedCrop gives float ones)",
             )
         if pipeline not in PIPELINES:
             raise InvalidArgument(
@@ -519,11 +537,19 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
     def transform(self, train: bool) -> v2.Transform:
         hp = self.hparams
         mean, std = NORMALIZATION[hp.normalization]
-        if train and hp.augment:
+        augment = train and hp.augment
+        if augment:
             steps = [v2.RandomResizedCrop(hp.image_size, antialias=True), v2.RandomHorizontalFlip()]
+            # torchvision's classification reference: the policy on the crop, erasing last.
+            policy = torchvision_policy(
+                hp.policy, hp.randaugment_n, hp.randaugment_m, v2.AutoAugmentPolicy.IMAGENET
+            )
+            steps += [policy] if policy is not None else []
         else:
             steps = [v2.Resize(hp.resize_size, antialias=True), v2.CenterCrop(hp.image_size)]
         steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if augment and hp.random_erasing:
+            steps.append(v2.RandomErasing(hp.random_erasing, ERASING_SCALE, ERASING_RATIO, value=0))
         return v2.Compose(steps)
 
     def predict_transform(self) -> v2.Transform:
@@ -547,6 +573,7 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
             std,
             augment=train and hp.augment,
             random_resized_crop=True,
+            random_erasing=hp.random_erasing if train and hp.augment else 0.0,
             image_size=hp.image_size,
             channels_last=hp.channels_last,
             shuffle=train,

@@ -33,6 +33,8 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from resnet_lightning.errors import InvalidArgument
+
 POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
 MAGNITUDE_BINS = 31  # RandAugment's and TrivialAugmentWide's num_magnitude_bins (torchvision)
 AUTOAUGMENT_BINS = 10  # AutoAugment's sub-policies index 10 magnitude bins
@@ -42,10 +44,32 @@ POINTWISE = ("Identity", "Brightness", "Posterize", "Solarize", "Invert")
 ERASING_SCALE, ERASING_RATIO = (0.02, 0.33), (0.3, 3.3)
 
 
-def torchvision_policy(name: str, num_ops: int = 2, magnitude: int = 9) -> v2.Transform | None:
-    """The torchvision transform of policy `name` (None for "none")."""
+def check_augmentation(policy: str, randaugment_n: int, randaugment_m: int, random_erasing: float):
+    """The data modules' policy and erasing arguments, each refused in one line when wrong."""
+    if policy not in POLICIES:
+        raise InvalidArgument("policy", policy, f"is unknown; use one of {', '.join(POLICIES)}")
+    if randaugment_n < 0:
+        raise InvalidArgument("randaugment_n", randaugment_n, "must be >= 0, e.g. 2")
+    if not 0 <= randaugment_m < MAGNITUDE_BINS:
+        raise InvalidArgument(
+            "randaugment_m", randaugment_m, f"must be a bin in 0..{MAGNITUDE_BINS - 1}, e.g. 9"
+        )
+    if not 0 <= random_erasing <= 1:
+        raise InvalidArgument(
+            "random_erasing", random_erasing, "must be a probability in [0, 1], e.g. 0.25"
+        )
+
+
+def torchvision_policy(
+    name: str,
+    num_ops: int = 2,
+    magnitude: int = 9,
+    autoaugment: v2.AutoAugmentPolicy = v2.AutoAugmentPolicy.CIFAR10,
+) -> v2.Transform | None:
+    """The torchvision transform of policy `name` (None for "none"); AutoAugment with the
+    learned policy of `autoaugment` (CIFAR-10's, or ImageNet's for photos)."""
     if name == "autoaugment":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+        return v2.AutoAugment(autoaugment)
     if name == "randaugment":
         return v2.RandAugment(num_ops, magnitude, MAGNITUDE_BINS)
     if name == "trivialaugment":
