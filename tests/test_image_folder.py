@@ -155,7 +155,7 @@ def test_unreadable_images_are_skipped_counted_and_checked_once(photos, tmp_path
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("empty", r"train/bird holds no images"),
+        ("empty", r"train: Found no valid file for the classes bird; add images"),
         ("val_extra", r"val has \['cat'\], which train/ lacks"),
         ("val_missing", r"val lacks \['bird'\]"),
         ("unreadable_class", r"class folder\(s\) \['bird'\] hold no readable images"),

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import v2
 
 from resnet_lightning.atomic_files import write_atomic, write_json
@@ -166,19 +166,12 @@ def scan_classes(folders: dict[str, Path], path: object) -> tuple[list[str], dic
             missing, extra = sorted(set(classes) - set(here)), sorted(set(here) - set(classes))
             what = f"lacks {missing}" if missing else f"has {extra}, which train/ lacks"
             raise DataError(f"{folder} {what}; every split needs the same class folders as train/")
-        samples[split] = []
-        for cls in classes:
-            files = sorted(
-                str(f)
-                for f in (folder / cls).rglob("*")
-                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-            )
-            if not files:
-                raise DataError(
-                    f"class folder {folder / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                    "add images or remove the folder"
-                )
-            samples[split] += [(f, index[cls]) for f in files]
+        try:  # torchvision's own listing: sorted, recursive, by extension
+            samples[split] = make_dataset(folder, index, IMAGE_SUFFIXES)
+        except FileNotFoundError as err:  # a class folder without images
+            raise DataError(
+                f"{folder}: {str(err).split('. ')[0]}; add images or remove the folder"
+            ) from None
     return classes, samples
 
 
@@ -425,6 +418,8 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         # pipeline=tensor: {split: (uint8 squares, labels)}, and their copy on the device.
         self.squares: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._placed: tuple[torch.device, dict] | None = None
+        self._scanned: tuple[dict[str, Path], list[str], dict[str, list]] | None = None
+        self.key = ""  # of the data's files (names, sizes, times): its caches' names
 
     def prepare_data(self) -> None:
         # One process per node: extracts an archive and decodes every image once (and the
@@ -495,7 +490,7 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
                     f"data.resize_size={size}, more than the {limit / 2**30:.1f} GB of {what}; "
                     "use data.pipeline=torchvision (decodes per batch), or a smaller resize_size"
                 )
-        root, key = Path(hp.root).expanduser(), source_key(hp.path)
+        root, key = Path(hp.root).expanduser(), self.key  # set by _scan
         squares = {}
         for split, items in samples.items():
             if distinct[split] != split:
@@ -509,12 +504,19 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         return squares
 
     def _scan(self) -> tuple[dict[str, Path], list[str], dict[str, list]]:
+        # Once per data module: prepare_data and setup both need it, and listing and keying
+        # a large tree (every file's size and time) takes a while.
+        if self._scanned is None:
+            self._scanned = self._scan_files()
+        return self._scanned
+
+    def _scan_files(self) -> tuple[dict[str, Path], list[str], dict[str, list]]:
         hp = self.hparams
         root = Path(hp.root).expanduser()
         folders = split_folders(prepare_tree(hp.path, root, self.read_limits))
         classes, samples = scan_classes(folders, hp.path)
-        key = source_key(hp.path)
-        samples, bad = readable(samples, root, key, hp.num_workers)
+        self.key = source_key(hp.path)
+        samples, bad = readable(samples, root, self.key, hp.num_workers)
         if bad:
             file, reason = bad[0]
             log.warning(
