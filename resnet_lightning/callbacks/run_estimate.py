@@ -11,6 +11,8 @@ import time
 import lightning as L
 import torch
 
+from .time_budget import find_time_budget
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,19 @@ class RunTimeEstimate(L.Callback):
             seconds = _now(pl_module.device) - start  # the steps' work done, on a GPU too
             self._estimated = True
             remaining = _remaining_steps(trainer)
-            if remaining is not None:
+            budget = find_time_budget(trainer)
+            if budget is not None:
+                per_step = seconds / steps
+                left = budget.training_seconds_left()
+                log.info(
+                    "Time budget: %s of training left, about %d steps more at %.3g s a step "
+                    "(%.1f epochs in all); then the final evaluation",
+                    duration(left),
+                    left / per_step,
+                    per_step,
+                    (trainer.global_step + left / per_step) / max(epoch_steps(trainer), 1),
+                )
+            elif remaining is not None:
                 per_step = seconds / steps
                 log.info(
                     "Estimated training time: %s (%.3g s a step, %d steps to go; "
@@ -83,7 +97,17 @@ class RunTimeEstimate(L.Callback):
         epoch_s = _now(pl_module.device) - self._epoch_start
         epoch_steps = trainer.global_step - self._epoch_start_step
         remaining = _remaining_steps(trainer)
-        if remaining and epoch_steps > 0:
+        budget = find_time_budget(trainer)
+        if budget is not None and epoch_steps > 0:
+            left = budget.training_seconds_left()
+            log.info(
+                "Epoch took %s with validation; the budget's %s of training left are about "
+                "%.1f epochs more",
+                duration(epoch_s),
+                duration(left),
+                left / epoch_s,
+            )
+        elif remaining and epoch_steps > 0:
             epochs_left = math.ceil(remaining / epoch_steps)
             log.info(
                 "Epoch took %s with validation; the %d epoch%s to go: about %s",
@@ -98,6 +122,11 @@ def _remaining_steps(trainer: L.Trainer) -> int | None:
     """Optimizer steps left in the fit, or None when it has no end (max_epochs=-1)."""
     total = trainer.estimated_stepping_batches
     return None if math.isinf(total) else max(int(total) - trainer.global_step, 0)
+
+
+def epoch_steps(trainer: L.Trainer) -> float:
+    """Optimizer steps in an epoch."""
+    return trainer.num_training_batches / trainer.accumulate_grad_batches
 
 
 def _now(device: torch.device) -> float:

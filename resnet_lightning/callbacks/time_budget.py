@@ -1,22 +1,291 @@
-"""Time budgets: the run's wall clock as the measure of training, and the schedule's position.
+"""Time budgets: how long the whole command may take, as the measure of training.
 
-(Work in progress: the TimeBudget callback lands here; `training_position` is its interface.)
+A budget covers the command from process start to metrics.json: start-up, data caching,
+training, the final validation and test. Training gets what is left after start-up and the
+final evaluation, whose time is measured on a few batches before the first step and kept
+back. The learning-rate schedule then runs on the fraction of that training time spent (its
+`position`), not on epochs or steps, so the anneal completes when the budget runs out
+whatever the throughput does: a slower step moves the position further, a faster one less
+(Li, Yumer & Ramanan, "Budgeted Training", ICLR 2020, decay to zero at the budget's end).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
+import torch
+
+from resnet_lightning.errors import InvalidArgument, UsageError
+
+log = logging.getLogger(__name__)
+# Kept back beyond the measured evaluation: checkpoint writes at the end of training, the
+# test's set-up, metrics.json, loggers closing (seconds), and the estimate's own error.
+EVAL_MARGIN = 1.25
+FIXED_MARGIN_S = 3.0
+
+
+def process_start_time() -> float:
+    """When this process started, on `time.time()`'s scale: the budget counts imports and
+    Hydra's start-up too. Linux: /proc; elsewhere, when this module was imported."""
+    try:
+        with open("/proc/self/stat") as stat:
+            # Field 22 (after the parenthesised name, which may hold spaces): start time in
+            # clock ticks since boot.
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+wall_clock = time.time
+
+
+def parse_budget(text: str) -> float:
+    """'30m', '90s', '1.5h', '45' (minutes), Lightning's 'DD:HH:MM:SS' -> minutes."""
+    value = str(text).strip().lower()
+    if value.count(":") == 3:
+        days, hours, minutes, seconds = (float(part) for part in value.split(":"))
+        return days * 1440 + hours * 60 + minutes + seconds / 60
+    units = {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0}
+    for unit in sorted(units, key=len, reverse=True):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * units[unit]
+    return float(value)
+
+
+class TimeBudget(L.Callback):
+    """Ends training when the budget's training time is spent, and gives the schedule its
+    position (`training_position`).
+
+    Position = the larger of the training time's fraction spent and, where the Trainer has
+    them, the fraction of `max_steps` / `max_epochs` done: whichever limit is reached first
+    ends training with the schedule complete. Under DDP rank 0's clock decides: the position
+    is broadcast after every step, so all ranks use the same learning rate and stop at the
+    same step. The time used is saved in checkpoints: a resumed run continues the same budget
+    (the gap between the two processes is not counted; the second one's start-up is).
+
+    Args:
+        minutes: the whole command's wall-clock budget.
+        started_at: when the command started (`time.time()` scale); default: this process's
+            start.
+        clock: the wall clock (default `wall_clock`, which tests replace).
+    """
+
+    def __init__(
+        self,
+        minutes: float,
+        started_at: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not (isinstance(minutes, int | float) and math.isfinite(minutes) and minutes > 0):
+            raise InvalidArgument("minutes", minutes, "must be a positive number, e.g. 30")
+        self.budget_s = float(minutes) * 60
+        self.clock = clock or wall_clock
+        self.started_at = process_start_time() if started_at is None else started_at
+        self.used_before_s = 0.0  # by earlier processes of a resumed run
+        self.train_start_s: float | None = None  # budget time used when training began
+        self.reserve_s = 0.0  # kept back for the final evaluation
+        self.position = 0.0
+        # Set by the LightningModule when it builds the optimizer: anything with
+        # `apply(position)` that sets the learning rates (training.position_schedule).
+        self.schedule: Any = None
+        self.train_end_s: float | None = None
+        self._steps_per_epoch = math.inf
+
+    # -- the clock --------------------------------------------------------------------------
+    def used_s(self) -> float:
+        """Budget time used so far, earlier processes of a resumed run included."""
+        return self.used_before_s + self.clock() - self.started_at
+
+    def training_seconds_left(self) -> float:
+        return max(self.budget_s - self.reserve_s - self.used_s(), 0.0)
+
+    def _time_fraction(self) -> float:
+        available = self.budget_s - self.reserve_s - self.train_start_s
+        return (self.used_s() - self.train_start_s) / available
+
+    def _limit_fraction(self, trainer: L.Trainer) -> float:
+        """How far the Trainer's own limits are: steps of max_steps, epochs of max_epochs."""
+        fractions = [0.0]
+        if trainer.max_steps and trainer.max_steps > 0:
+            fractions.append(trainer.global_step / trainer.max_steps)
+        if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(self._steps_per_epoch):
+            fractions.append(trainer.global_step / (self._steps_per_epoch * trainer.max_epochs))
+        return max(fractions)
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        accumulate = trainer.accumulate_grad_batches
+        if math.isfinite(trainer.num_training_batches):
+            self._steps_per_epoch = max(math.ceil(trainer.num_training_batches / accumulate), 1)
+        measured = evaluation_seconds(trainer, pl_module) if trainer.is_global_zero else 0.0
+        reserve = measured * EVAL_MARGIN + FIXED_MARGIN_S
+        used = self.used_s()
+        # Rank 0's numbers for every rank: they decide together.
+        reserve, used = trainer.strategy.broadcast((reserve, used), src=0)
+        self.reserve_s = reserve
+        if self.train_start_s is None:
+            self.train_start_s = used
+        minimum = used + reserve
+        if minimum >= self.budget_s:
+            raise UsageError(
+                f"budget.minutes={self.budget_s / 60:g} ({self.budget_s:.0f} s) leaves no time "
+                f"to train: start-up took {used:.0f} s and the final evaluation needs about "
+                f"{reserve:.0f} s (measured); give at least budget.minutes="
+                f"{math.ceil(minimum / 6) / 10:g} and more to train"
+            )
+        self.position = self._compute_position(trainer)
+        self._apply_schedule()
+        if trainer.is_global_zero:
+            log.info(
+                "Time budget %s for the whole command: %.0f s used by start-up, %.0f s kept "
+                "for the final evaluation, %.0f s to train%s",
+                _minutes(self.budget_s),
+                used,
+                reserve,
+                self.budget_s - reserve - used,
+                _limits_line(trainer),
+            )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._apply_schedule()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.position = self._compute_position(trainer)
+        if self.position >= 1.0:
+            trainer.should_stop = True
+            if self.train_end_s is None:
+                self.train_end_s = self.used_s()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.train_end_s is None:
+            self.train_end_s = self.used_s()
+
+    def _apply_schedule(self) -> None:
+        if self.schedule is not None:
+            self.schedule.apply(self.position)
+
+    def _compute_position(self, trainer: L.Trainer) -> float:
+        position = max(self._time_fraction(), self._limit_fraction(trainer))
+        return min(max(trainer.strategy.broadcast(position, src=0), 0.0), 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "budget_s": self.budget_s,
+            "used_s": self.used_s(),
+            "train_start_s": self.train_start_s,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.used_before_s = state_dict["used_s"]
+        self.train_start_s = state_dict["train_start_s"]
+
+    def summary(self, steps: int) -> dict[str, float]:
+        """What metrics.json records of the budget (seconds, and epochs as a fraction)."""
+        return {
+            "budget_s": round(self.budget_s, 2),
+            "budget_used_s": round(self.used_s(), 2),
+            "budget_start_s": round(self.train_start_s or 0.0, 2),
+            "budget_train_s": round((self.train_end_s or 0.0) - (self.train_start_s or 0.0), 2),
+            "budget_reserve_s": round(self.reserve_s, 2),
+            "epochs_done": round(steps / self._steps_per_epoch, 3)
+            if math.isfinite(self._steps_per_epoch)
+            else float("nan"),
+        }
+
+
+def find_time_budget(trainer: L.Trainer | None) -> TimeBudget | None:
+    if trainer is None:
+        return None
+    return next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
 
 
 def training_position(trainer: L.Trainer) -> float:
-    """How far training is, in [0, 1]: the time budget's fraction spent when the run has one,
+    """How far training is, in [0, 1]: the time budget's position when the run has one,
     else the optimizer steps done over the fit's planned steps (0 when it has no end)."""
-    budget = getattr(trainer, "time_budget", None)
+    budget = find_time_budget(trainer)
     if budget is not None:
         return budget.position
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total) or total <= 0:
         return 0.0
     return min(trainer.global_step / total, 1.0)
+
+
+def evaluation_seconds(trainer: L.Trainer, pl_module: L.LightningModule, batches: int = 2) -> float:
+    """The final validation's and test's time, estimated from `batches` timed evaluation
+    batches (after one that warms up) of the test data, with the module's own test-time
+    augmentation and the run's precision."""
+    val_loader = _datamodule_loader(trainer, "val")
+    test_loader = _datamodule_loader(trainer, "test")
+    loader = test_loader or val_loader
+    final_batches = _batches(test_loader, trainer.limit_test_batches)
+    final_batches += _batches(val_loader, trainer.limit_val_batches)
+    if loader is None or final_batches == 0:
+        return 0.0
+    predict = getattr(pl_module, "predict_logits", pl_module)
+    was_training = pl_module.training
+    pl_module.eval()
+    times = []
+    start = time.perf_counter()
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        for i, batch in enumerate(loader):
+            images = trainer.strategy.batch_to_device(batch)[0]
+            predict(images)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize(images.device)
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+            if i >= batches:
+                break
+    pl_module.train(was_training)
+    per_batch = sum(times[1:]) / max(len(times) - 1, 1)
+    # The first batch's extra time (loader workers starting) is paid again by each loop.
+    return per_batch * final_batches + 2 * max(times[0] - per_batch, 0.0)
+
+
+def _datamodule_loader(trainer: L.Trainer, split: str) -> Any:
+    datamodule = trainer.datamodule
+    try:
+        return getattr(datamodule, f"{split}_dataloader")() if datamodule is not None else None
+    except Exception:  # a data module without that split
+        return None
+
+
+def _batches(loader: Any, limit: int | float | None) -> int:
+    """The batches an evaluation loop takes of `loader` under a Trainer's `limit_*_batches`."""
+    try:
+        count = len(loader) if loader is not None else 0
+    except TypeError:  # no length
+        return 0
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(count, limit)
+    return math.ceil(count * float(1.0 if limit is None else limit))
+
+
+def _minutes(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _limits_line(trainer: L.Trainer) -> str:
+    limits = []
+    if trainer.max_epochs and trainer.max_epochs > 0:
+        limits.append(f"trainer.max_epochs={trainer.max_epochs}")
+    if trainer.max_steps and trainer.max_steps > 0:
+        limits.append(f"trainer.max_steps={trainer.max_steps}")
+    if not limits:
+        return ""
+    return (
+        f"; {' and '.join(limits)} also apply: training ends at whichever is reached first, "
+        "with the schedule complete there"
+    )

@@ -21,9 +21,10 @@ from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from resnet_lightning.callbacks.time_budget import parse_budget
 from resnet_lightning.data import image_folder_classes
 from resnet_lightning.data.cifar import ReadLimits
 from resnet_lightning.errors import (
@@ -100,6 +101,28 @@ def with_null_groups(overrides: Sequence[str]) -> list[str]:
         elif group not in ("debug", "experiment", "hparams_search"):
             options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("[!_]*.yaml"))
             raise UsageError(f"{group}=null: {group} needs a choice, one of: {', '.join(options)}")
+    return result
+
+
+def with_budget_shorthand(overrides: Sequence[str]) -> list[str]:
+    """`budget=30m` (or 90s, 1.5h, a number of minutes; `budget=5m,10m` in a sweep) as the
+    `budget.minutes=...` it stands for; `budget=null` for none."""
+    result = []
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if key.lstrip("+") != "budget" or not equals:
+            result.append(override)
+            continue
+        if value.lower() in ("null", "none"):
+            result.append("budget.minutes=null")
+            continue
+        try:
+            minutes = [parse_budget(part) for part in value.split(",")]
+        except ValueError:
+            raise UsageError(
+                f"{override} is not a duration; e.g. budget=30m, budget=90s, budget=1.5h"
+            ) from None
+        result.append("budget.minutes=" + ",".join(format(m, ".10g") for m in minutes))
     return result
 
 
@@ -268,6 +291,45 @@ def check_config(cfg: DictConfig) -> None:
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise UsageError(f"num_threads={threads!r} must be a positive integer, or null")
+
+
+def take_time_budget(cfg: DictConfig) -> float | None:
+    """The run's time budget in minutes (None: none), from `budget.minutes` or Lightning's
+    `trainer.max_time`, which means the same here: the latter is moved into the budget (and
+    taken off the Trainer, whose own timer would stop the run before the schedule ends)."""
+    minutes = _budget_minutes(OmegaConf.select(cfg, "budget.minutes"), "budget.minutes")
+    max_time = OmegaConf.select(cfg, "trainer.max_time")
+    if max_time is None:
+        return minutes
+    if isinstance(max_time, DictConfig):  # Lightning's dict form: {days, hours, minutes, ...}
+        units = {"days": 1440, "hours": 60, "minutes": 1, "seconds": 1 / 60}
+        unknown = set(max_time) - set(units)
+        if unknown:
+            raise UsageError(f"trainer.max_time has unknown keys {sorted(unknown)}; use {units}")
+        as_minutes = sum(float(max_time[key]) * units[key] for key in max_time)
+    else:
+        as_minutes = _budget_minutes(max_time, "trainer.max_time")
+    if minutes is not None and abs(minutes - as_minutes) > 1e-9:
+        raise UsageError(
+            f"budget.minutes={minutes:g} and trainer.max_time={max_time} disagree; they are the "
+            "same budget here: give one of them"
+        )
+    with open_dict(cfg):
+        cfg.trainer.max_time = None
+    return as_minutes
+
+
+def _budget_minutes(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    example = "budget.minutes=30 (or budget=30m, budget=90s, budget=1.5h)"
+    try:
+        minutes = parse_budget(value) if isinstance(value, str) else float(value)
+    except ValueError:
+        raise UsageError(f"{key}={value!r} is not a duration; e.g. {example}") from None
+    if isinstance(value, bool) or not minutes > 0 or minutes == float("inf"):
+        raise UsageError(f"{key}={value!r} must be a positive duration, e.g. {example}")
+    return minutes
 
 
 def _number(cfg: DictConfig, key: str) -> float | None:

@@ -30,7 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, read_write
 
-from resnet_lightning.training.config import with_null_groups
+from resnet_lightning.training.config import with_budget_shorthand, with_null_groups
 from resnet_lightning.training.resume import given_run_dir, with_saved_overrides
 
 # Set by a Hydra job for the DDP ranks Lightning starts: the job's own command line.
@@ -75,7 +75,7 @@ def process_overrides(argv: list[str]) -> list[str]:
     job_argv = os.environ.get(JOB_ARGV_ENV)
     if job_argv is not None and "LOCAL_RANK" in os.environ:
         return json.loads(job_argv)  # a rank started by Lightning: its parent's job alone
-    argv = with_saved_overrides(with_null_groups(argv))
+    argv = with_saved_overrides(with_budget_shorthand(with_null_groups(argv)))
     return [*argv, *QUIET_RANK_OVERRIDES] if launched_rank() > 0 else argv
 
 

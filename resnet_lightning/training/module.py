@@ -13,8 +13,10 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_lightning.errors import InvalidArgument
+from resnet_lightning.callbacks.time_budget import find_time_budget
+from resnet_lightning.errors import InvalidArgument, UsageError
 from resnet_lightning.models import get_classifier
+from resnet_lightning.training.position_schedule import PositionSchedule, tabulate_schedule
 
 # The stages metrics are kept for, each under its own prefix (train/acc, val/acc, test/acc).
 SPLITS = ("train", "val", "test")
@@ -199,17 +201,54 @@ class ImageClassifier(L.LightningModule):
         groups = [(params, scale * batch_scale, decayed) for params, scale, decayed in groups]
         for group, (_, scale, _) in zip(optimizer.param_groups, groups, strict=True):
             group["lr"] *= scale
+        budget = find_time_budget(self.trainer)
+        if budget is not None:  # the schedule runs on the budget's position instead of steps
+            budget.schedule = self._position_schedule(optimizer)
+            return optimizer
         schedulers = [self._warmup(optimizer)] if self.hparams.warmup_epochs else []
         if self.scheduler_factory is not None:
             kwargs = {}
-            if _needs_total_steps(self.scheduler_factory):
-                kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            if sized := _sized_argument(self.scheduler_factory):
+                kwargs[sized] = int(self.trainer.estimated_stepping_batches)
             max_lr = getattr(self.scheduler_factory, "keywords", {}).get("max_lr")
             if max_lr is not None:  # OneCycleLR sets every group's lr from max_lr: scale it
                 kwargs["max_lr"] = [max_lr * scale for _, scale, _ in groups]
             scheduler = self.scheduler_factory(optimizer, **kwargs)
             schedulers.append({"scheduler": scheduler, "interval": self.hparams.scheduler_interval})
         return ([optimizer], schedulers) if schedulers else optimizer
+
+    def _position_schedule(self, optimizer: torch.optim.Optimizer) -> PositionSchedule:
+        """The configured warm-up and schedule as they would run over the Trainer's planned
+        steps (trainer.max_epochs or max_steps), as a function of the position in [0, 1]."""
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise UsageError(
+                "a time budget stretches the schedule of trainer.max_epochs or max_steps over "
+                "the time; this run has neither: set trainer.max_epochs (e.g. 100)"
+            )
+        steps_per_epoch = self._steps_per_epoch()
+        sized = self.scheduler_factory and _sized_argument(self.scheduler_factory)
+        kwargs = {sized: int(total)} if sized else {}
+        lr_factors, momenta = tabulate_schedule(
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.hparams.scheduler_interval,
+            int(total),
+            steps_per_epoch,
+            warmup_steps=self._warmup_steps(steps_per_epoch) if self.hparams.warmup_epochs else 0,
+            warmup_start_factor=self.hparams.warmup_start_factor,
+            scheduler_kwargs=kwargs,
+        )
+        return PositionSchedule(optimizer, lr_factors, momenta)
+
+    def _steps_per_epoch(self) -> int:
+        # Reading it sets the training data up, so that its number of batches is known.
+        _ = self.trainer.estimated_stepping_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        return max(math.ceil(self.trainer.num_training_batches / accumulate), 1)
+
+    def _warmup_steps(self, steps_per_epoch: int) -> int:
+        return max(round(self.hparams.warmup_epochs * steps_per_epoch), 1)
 
     def _batch_lr_scale(self) -> float:
         """Global batch / lr_reference_batch (1 without a reference)."""
@@ -232,11 +271,7 @@ class ImageClassifier(L.LightningModule):
     def _warmup(self, optimizer: torch.optim.Optimizer) -> dict[str, object]:
         """LinearLR over the warm-up's steps. It multiplies the learning rate, as MultiStepLR
         and CosineAnnealingLR do, so the two compose when each steps at its own interval."""
-        # Reading it sets the training data up, so that its number of batches is known.
-        _ = self.trainer.estimated_stepping_batches
-        accumulate = self.trainer.accumulate_grad_batches
-        steps_per_epoch = math.ceil(self.trainer.num_training_batches / accumulate)
-        steps = max(round(self.hparams.warmup_epochs * steps_per_epoch), 1)
+        steps = self._warmup_steps(self._steps_per_epoch())
         start = self.hparams.warmup_start_factor
         warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start, 1.0, total_iters=steps)
         return {"scheduler": warmup, "interval": "step", "name": "warmup"}
@@ -264,6 +299,18 @@ def no_decay_parameters(net: nn.Module) -> list[nn.Parameter]:
 
 
 def _needs_total_steps(factory: Callable) -> bool:
+    """A one-cycle schedule whose `total_steps` the run fills in."""
+    return _sized_argument(factory) == "total_steps"
+
+
+def _sized_argument(factory: Callable) -> str | None:
+    """The scheduler argument that the run sizes from its real number of optimizer steps:
+    `total_steps` left unset (OneCycleLR), or `total_iters: null` given (LinearLR,
+    PolynomialLR: e.g. linear decay to zero over the whole run)."""
     given = getattr(factory, "keywords", {})
     params = inspect.signature(factory).parameters
-    return "total_steps" in params and given.get("total_steps") is None
+    if "total_steps" in params and given.get("total_steps") is None:
+        return "total_steps"
+    if "total_iters" in params and "total_iters" in given and given["total_iters"] is None:
+        return "total_iters"
+    return None

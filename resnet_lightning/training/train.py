@@ -34,6 +34,7 @@ from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.callbacks.fit_outcome import BEST_SCORE, EPOCHS, STEPS, FitOutcome
 from resnet_lightning.callbacks.preemption import CheckpointOnSignal
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
+from resnet_lightning.callbacks.time_budget import TimeBudget, process_start_time
 from resnet_lightning.errors import (
     DISK_FULL,
     NOT_WRITABLE,
@@ -46,6 +47,7 @@ from resnet_lightning.training.config import (
     check_config,
     check_targets,
     instantiate_group,
+    take_time_budget,
 )
 from resnet_lightning.training.launch import hydra_job, process_overrides, remove_half_written_run
 from resnet_lightning.training.resume import last_checkpoint_path, resume_checkpoint
@@ -70,8 +72,10 @@ RUN_FILES = ("metrics.json", "train.log", ".hydra")
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run as configured; return the metrics written to metrics.json."""
     start = time.perf_counter()
+    started_at = job_start_time()
     log.info("Run directory: %s", cfg.paths.output_dir)
     check_config(cfg)
+    budget_minutes = take_time_budget(cfg)
     if cfg.get("resume") == "auto":  # the config holds the run directory's saved overrides
         check_targets(cfg, f"resume=auto of {cfg.paths.output_dir}")
     resume_path = resume_checkpoint(cfg)
@@ -102,6 +106,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [DivergenceGuard(), *configured_callbacks(cfg, with_loggers=bool(loggers))]
     on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal, FitOutcome()]
+    budget = TimeBudget(budget_minutes, started_at) if budget_minutes else None
+    if budget is not None:  # not in conf/callbacks: a budget cannot be switched off by one
+        callbacks.append(budget)
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
     plugins = [AtomicCheckpointIO(), *(instantiate_group(cfg, "trainer.plugins") or [])]
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
@@ -133,6 +140,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "wall_time_s": round(time.perf_counter() - start, 2),
         "best_checkpoint": best_path,
     }
+    if budget is not None:
+        metrics |= budget.summary(metrics["steps"])
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
@@ -171,6 +180,17 @@ def exit_on_signal(on_signal: CheckpointOnSignal, trainer: L.Trainer, cfg: DictC
             print(line, file=sys.stderr, flush=True)
             log_to_files(line)
         raise SystemExit(128 + signum) from None
+
+
+_JOBS_STARTED = 0
+
+
+def job_start_time() -> float:
+    """When this job's time began (`time.time()` scale): the process's start for its first job,
+    so that a budget counts imports and start-up; now for later jobs of a multirun."""
+    global _JOBS_STARTED
+    _JOBS_STARTED += 1
+    return process_start_time() if _JOBS_STARTED == 1 else time.time()
 
 
 def quiet_noise() -> None:

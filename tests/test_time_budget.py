@@ -1,0 +1,228 @@
+"""Time budgets (`budget=30m`): the schedule runs on the budget's position, training ends when
+it is spent, the whole command fits in it."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from resnet_lightning.callbacks import time_budget
+from resnet_lightning.training import train as train_module
+from tests.budget_clock import FakeClock, StepSeconds
+from tests.cli_harness import TINY, cli_env, run_cli, run_main, without_callbacks
+
+LR = 0.1
+
+
+def fake_clock_run(tmp_path, data_overrides, capfd, monkeypatch, *extra: str) -> dict:
+    """A tiny run under a budget timed by FakeClock (StepSeconds moves it each step); its
+    metrics.json."""
+    monkeypatch.setattr(time_budget, "wall_clock", FakeClock.read)
+    monkeypatch.setattr(train_module, "job_start_time", FakeClock.read)
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        *without_callbacks(),
+        *data_overrides,
+        "model=resnet20",
+        "logger=[]",
+        "scheduler=linear_to_zero",
+        f"optimizer.lr={LR}",
+        "data.pipeline=tensor",
+        "data.batch_size=8",
+        # 25 steps an epoch of at most 100 epochs: the budget, not the epochs, ends the run.
+        "trainer.max_epochs=100",
+        "trainer.limit_train_batches=25",
+        "trainer.limit_val_batches=0",
+        "trainer.limit_test_batches=1",
+        "+callbacks.clock._target_=tests.budget_clock.StepSeconds",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 0, stderr
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_learning_rate_follows_the_budget_position(tmp_path, data_overrides, capfd, monkeypatch):
+    metrics = fake_clock_run(tmp_path, data_overrides, capfd, monkeypatch, "budget=1m")
+    assert metrics["budget_s"] == 60
+    # Start-up took no fake time; the final evaluation's reserve was measured for real.
+    available = 60 - metrics["budget_reserve_s"]
+    steps = StepSeconds.steps
+    # Each step takes 1 s: step k trains at the position after k seconds of the time.
+    for k, (step, position, lr) in enumerate(steps):
+        assert step == k
+        assert position == pytest.approx(k / available, rel=1e-3)  # reserve_s is rounded
+        # Linear to zero over the positions (tabulated over the 2,500 steps of max_epochs).
+        assert lr == pytest.approx(LR * (1 - position), abs=LR / 2500)
+    # At 0, 25, 50 and 100% of the budget (the nearest step: one is 1 s of it).
+    for target in (0.0, 0.25, 0.5, 1.0):
+        _, position, lr = min(steps, key=lambda s: abs(s[1] - target))
+        assert abs(position - target) <= 1 / available
+        assert lr == pytest.approx(LR * (1 - target), abs=LR / available + LR / 2500)
+    # Training stopped at the step that spent the time: the schedule ended there, at zero.
+    assert len(steps) == metrics["steps"] == math.ceil(available)
+    assert steps[-1][2] <= LR / available + LR / 2500  # the last second of a linear fall
+    assert metrics["budget_train_s"] == pytest.approx(len(steps))
+    assert metrics["epochs_done"] == pytest.approx(len(steps) / 25, abs=1e-3)
+
+
+def test_slower_steps_still_end_annealed_at_the_budget(
+    tmp_path, data_overrides, capfd, monkeypatch
+):
+    # trainer.max_time (Lightning's DD:HH:MM:SS) is the same budget.
+    metrics = fake_clock_run(
+        tmp_path,
+        data_overrides,
+        capfd,
+        monkeypatch,
+        "trainer.max_time=00:00:01:00",
+        "+callbacks.clock.slow_from=20",
+        "+callbacks.clock.slow_seconds=3",
+    )
+    assert metrics["budget_s"] == 60
+    available = 60 - metrics["budget_reserve_s"]
+    steps = StepSeconds.steps
+    # 20 steps of 1 s, then 3 s a step: the position moves three times as fast...
+    assert steps[22][1] - steps[21][1] == pytest.approx(3 / available, rel=1e-3)
+    # ...and the run ends when the time is spent, annealed, whatever the steps did.
+    assert len(steps) == 20 + math.ceil((available - 20) / 3)
+    assert steps[-1][1] > 1 - 3 / available
+    assert steps[-1][2] < 3 * LR / available + LR / 2500
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("budget=0", "budget.minutes=0 must be a positive duration"),
+        ("budget=-5m", "must be a positive duration"),
+        ("budget=soon", "budget=soon is not a duration; e.g. budget=30m"),
+        ("budget.minutes=abc", "budget.minutes='abc' is not a duration"),
+    ],
+)
+def test_bad_budgets_are_one_line(override, message, tmp_path, data_overrides, capfd, monkeypatch):
+    args = [*TINY, *data_overrides, override, f"hydra.run.dir={tmp_path / 'run'}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_budget_and_max_time_that_disagree(tmp_path, data_overrides, capfd, monkeypatch):
+    args = [*TINY, *data_overrides, "budget=30m", "trainer.max_time=00:01:00:00"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 2
+    assert "budget.minutes=30 and trainer.max_time=00:01:00:00 disagree" in stderr
+
+
+def test_a_budget_too_short_to_train_names_the_minimum(tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    args = [*TINY, *data_overrides, "budget=3s", f"hydra.run.dir={run_dir}"]
+    result = run_cli(args, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "budget.minutes=0.05 (3 s) leaves no time to train: start-up took" in line
+    assert "give at least budget.minutes=" in line
+    assert not (run_dir / "metrics.json").exists()
+
+
+REAL_BUDGET = [
+    *TINY,
+    "model=resnet20",
+    "data.pipeline=tensor",
+    "data.batch_size=64",
+    "trainer.max_epochs=1000",
+    "trainer.limit_train_batches=null",
+    "trainer.limit_val_batches=0",
+    "trainer.limit_test_batches=null",
+    "scheduler=linear_to_zero",
+]
+
+
+@pytest.mark.slow
+def test_a_real_budget_holds_for_the_whole_command(tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    start = time.perf_counter()
+    run_cli([*REAL_BUDGET, *data_overrides, "budget=60s", f"hydra.run.dir={run_dir}"], tmp_path)
+    wall = time.perf_counter() - start  # the whole process, measured outside it
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert wall <= 60 * 1.05, metrics
+    assert wall >= 60 * 0.8, metrics  # it trained for the time it had, not less
+    assert metrics["steps"] > 20 and metrics["test/acc"] > 0.2
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_budget_resumes_the_same_budget(tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    args = [*REAL_BUDGET, *data_overrides, "budget=80s", f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "-m", "resnet_lightning", *args]
+    start = time.perf_counter()
+    first = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE)
+    time.sleep(35)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    first_wall = time.perf_counter() - start
+    assert first.returncode == 128 + signal.SIGTERM, stderr.decode()[-2000:]
+    start = time.perf_counter()
+    run_cli(["resume=auto", f"hydra.run.dir={run_dir}"], tmp_path)
+    second_wall = time.perf_counter() - start
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # The two processes together took the budget (the gap between them is not counted).
+    assert first_wall + second_wall <= 80 * 1.05
+    assert metrics["budget_used_s"] == pytest.approx(first_wall + second_wall, abs=4)
+    assert metrics["budget_used_s"] <= 80 * 1.05
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_at_the_same_step(tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    args = [
+        *REAL_BUDGET,
+        *data_overrides,
+        "trainer=ddp_cpu",
+        "budget=75s",
+        "+callbacks.final_step._target_=tests.budget_clock.RecordFinalStep",
+        f"+callbacks.final_step.directory={run_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    run_cli(args, tmp_path)
+    steps = {path.name: json.loads(path.read_text()) for path in run_dir.glob("final_step_*")}
+    assert set(steps) == {"final_step_0.json", "final_step_1.json"}
+    assert steps["final_step_0.json"] == steps["final_step_1.json"]
+    assert steps["final_step_0.json"]["step"] > 5
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["budget_used_s"] <= 75 * 1.05
+
+
+def test_budget_shorthand_becomes_minutes():
+    from resnet_lightning.training.config import with_budget_shorthand
+
+    assert with_budget_shorthand(["budget=30m", "model=resnet20"]) == [
+        "budget.minutes=30",
+        "model=resnet20",
+    ]
+    assert with_budget_shorthand(["budget=90s"]) == ["budget.minutes=1.5"]
+    assert with_budget_shorthand(["budget=1.5h"]) == ["budget.minutes=90"]
+    assert with_budget_shorthand(["budget=5m,10m,15"]) == ["budget.minutes=5,10,15"]
+    assert with_budget_shorthand(["budget=null"]) == ["budget.minutes=null"]
+
+
+def test_a_budget_run_without_a_length_is_refused(tmp_path, data_overrides, capfd, monkeypatch):
+    args = [
+        *TINY,
+        *data_overrides,
+        "budget=10m",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=-1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 2, stderr
