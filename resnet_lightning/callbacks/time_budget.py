@@ -285,7 +285,8 @@ def _limits_line(trainer: L.Trainer) -> str:
         limits.append(f"trainer.max_steps={trainer.max_steps}")
     if not limits:
         return ""
+    verb = "apply" if len(limits) > 1 else "applies"
     return (
-        f"; {' and '.join(limits)} also apply: training ends at whichever is reached first, "
+        f"; {' and '.join(limits)} also {verb}: training ends at whichever is reached first, "
         "with the schedule complete there"
     )
