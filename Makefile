@@ -29,8 +29,9 @@ install: $(VENV)/.installed
 train: install
 	$(PY) -m resnet_lightning $(ARGS)
 
-# The suite less its slow tier (multi-process DDP and torchrun runs, benchmarks, whole recipes;
-# `-m slow` in tests/): about 10 minutes on a 2-core machine. test-all runs every test.
+# The suite less its slow tier (multi-process DDP and torchrun runs, benchmarks, whole recipes,
+# real time budgets; `-m slow` in tests/): what a newcomer runs. test-all runs every test, and
+# is what CI runs (.ci/run).
 test: install
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
