@@ -77,7 +77,12 @@ def cpu_bf16_flags() -> list[str]:
     if hasattr(torch.cpu, "get_capabilities"):
         have = {flag for flag, value in torch.cpu.get_capabilities().items() if value is True}
     else:
-        lines = CPUINFO.read_text().splitlines() if CPUINFO.is_file() else []
-        flags = [line.split(":", 1)[1] for line in lines if line.startswith("flags")]
-        have = set(flags[0].split()) if flags else set()
+        have = cpuinfo_flags()
     return [flag for flag in CPU_BF16_FLAGS if flag in have]
+
+
+def cpuinfo_flags() -> set[str]:
+    """The instruction-set flags the kernel lists for the first CPU (none off Linux)."""
+    lines = CPUINFO.read_text().splitlines() if CPUINFO.is_file() else []
+    flags = [line.split(":", 1)[1] for line in lines if line.startswith("flags")]
+    return set(flags[0].split()) if flags else set()
