@@ -71,6 +71,7 @@ def assert_one_line_error(code: int, stderr: str, expected: str, run_dir: Path) 
         ("data.randaugment_m=31", "data.randaugment_m=31 must be a bin in 0..30"),
         ("data.random_erasing=1.5", "data.random_erasing=1.5 must be a probability in [0, 1]"),
         ("trainer.devices=0", "Trainer(devices=0)"),
+        ("trainer.precision=bf17-mixed", "trainer: Precision 'bf17-mixed' is invalid. Allowed"),
         ("trainer=ddp", "no CUDA GPU; use trainer=cpu, or trainer=ddp_cpu for DDP on the CPU"),
         ("resume=/no/such/last.ckpt", "resume=/no/such/last.ckpt: no such checkpoint file"),
     ],

@@ -64,11 +64,17 @@ def test_quick_bench_prints_tables_and_writes_every_figure(tmp_path, data_root, 
     assert f"wrote {out}" in result.stdout
 
 
+def bench_section(section: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m resnet_lightning.bench --sections SECTION ARGS` in a subprocess."""
+    command = [sys.executable, "-m", "resnet_lightning.bench", "--sections", section, *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def test_inference_section_times_every_backend_at_every_batch(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "resnet_lightning.bench", "--sections", "inference"]
-    command += ["--quick", "--inference-batches", "1", "3", "--json", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = bench_section(
+        "inference", "--quick", "--inference-batches", "1", "3", "--json", str(out)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     rows = json.loads(out.read_text())["inference"]
@@ -84,3 +90,40 @@ def test_inference_section_times_every_backend_at_every_batch(tmp_path):
     assert [line.split(" | ")[1:3] for line in table] == [
         [backend, str(batch)] for backend in backends for batch in (1, 3)
     ]
+
+
+def test_cpu_train_section_times_every_setting(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench_section("cpu_train", "--quick", "--cpu-batches", "2", "3", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    rows = report["cpu_train"]
+    precisions, formats = ("32-true", "bf16-mixed"), ("NCHW", "channels_last")
+    # The grid with oneDNN's defaults, then the other oneDNN settings at the first batch size
+    # (bf32 in fp32 only: it changes fp32 math); compiled rows only with --compile.
+    expected = [(p, f, b, "on") for p in precisions for f in formats for b in (2, 3)]
+    expected += [(p, f, 2, "off") for p in precisions for f in formats]
+    expected += [("32-true", f, 2, "bf32") for f in formats]
+    assert [(r["precision"], r["memory_format"], r["batch"], r["onednn"]) for r in rows] == expected
+    assert all(r["model"] == "resnet20" and r["threads"] == 1 and r["run"] == "eager" for r in rows)
+    assert all(r["images_per_s"] > 0 and r["timed_steps"] == 2 for r in rows)
+    assert set(report["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("CPU flags: ") for line in lines)
+    assert f"command: {report['command']}" in lines
+    table = [line for line in lines if line.startswith("| resnet20 |")]
+    assert [line.split(" | ")[1:7] for line in table] == [
+        [p, f, str(b), "1", onednn, "eager"] for p, f, b, onednn in expected
+    ]
+
+
+def test_cpu_train_refuses_a_batch_of_zero_in_one_line():
+    result = bench_section("cpu_train", "--cpu-batches", "0")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("argument --cpu-batches: 0 is not a positive whole number")
+    )

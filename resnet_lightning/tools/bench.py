@@ -1,6 +1,6 @@
 """`python -m resnet_lightning.bench`: how fast the data paths, the models and the framework are.
 
-Four measurements; each figure is taken in the same run as the figures it is compared with.
+Five measurements; each figure is taken in the same run as the figures it is compared with.
 
 1. pipeline: input images/s of the torchvision/PIL path (DataLoader workers) against
    the tensor path (tensor_loader.py), at 32 and 224 px, on the CPU and on the GPU if any;
@@ -14,6 +14,11 @@ Four measurements; each figure is taken in the same run as the figures it is com
    CPU, at batch 1 and 256, run eagerly, torch.compile'd (with --compile: compiling takes
    minutes per model on a small CPU), traced to TorchScript and exported to ONNX and run in
    onnxruntime (both through tools/export.py's exporters).
+5. cpu_train: training images/s on the CPU of models as conf/model/ builds them (ResNet-20 by
+   default; `--cpu-models`), full steps (forward, backward, SGD) on random 32 px batches, per
+   precision (fp32, bf16 autocast), memory format, batch size and intra-op threads; then, at the
+   first batch size and the most threads, with oneDNN off, with oneDNN's fp32 math in bf16
+   ("bf32"), and torch.compile'd (with --compile). The median of a few steps after warm-up.
 
 Prints markdown tables and writes everything to a JSON file (`--json`).
 """
@@ -34,10 +39,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor, nn
 
@@ -50,10 +57,17 @@ from resnet_lightning.models import create_model
 from resnet_lightning.tools.export import EXPORTERS, without_grad
 from resnet_lightning.tools.plain_loop import fit, run_epoch
 from resnet_lightning.tools.report.output import markdown_table
-from resnet_lightning.training.config import compose_config, instantiate_group
+from resnet_lightning.training.config import CONFIG_DIR, compose_config, instantiate_group
+from resnet_lightning.training.precision import auto_precision, cpuinfo_flags
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("pipeline", "train", "overhead", "inference")
+SECTIONS = ("pipeline", "train", "overhead", "inference", "cpu_train")
+# /proc/cpuinfo's flags that decide how fast a CPU trains: bf16 is native only with the last two.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# cpu_train's oneDNN settings besides its defaults ("on"): convolutions and matmuls without
+# oneDNN, and oneDNN's fp32 convolutions and matmuls computed in bf16 ("bf32": fast only where
+# bf16 is native).
+ONEDNN_SETTINGS = ("off", "bf32")
 
 
 @dataclass(frozen=True)
@@ -121,7 +135,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="inference: also torch.compile'd (compiling takes minutes per model on a small CPU)",
+        help="inference and cpu_train: also torch.compile'd (compiling takes minutes per model "
+        "on a small CPU)",
+    )
+    parser.add_argument(
+        "--cpu-models",
+        nargs="+",
+        choices=model_configs(),
+        default=["resnet20"],
+        help="cpu_train: models of conf/model/",
+    )
+    parser.add_argument(
+        "--cpu-precisions",
+        nargs="+",
+        choices=("32-true", "bf16-mixed"),
+        default=["32-true", "bf16-mixed"],
+        help="cpu_train: Lightning precisions (autocast for bf16-mixed)",
+    )
+    parser.add_argument("--cpu-batches", type=positive_int, nargs="+", help="default: 128 256 512")
+    parser.add_argument(
+        "--cpu-threads", type=positive_int, nargs="+", help="cpu_train: default 1 and all cores"
+    )
+    parser.add_argument(
+        "--cpu-onednn",
+        nargs="*",
+        choices=ONEDNN_SETTINGS,
+        default=list(ONEDNN_SETTINGS),
+        help="cpu_train: oneDNN settings to try besides its defaults (none: only the defaults)",
+    )
+    parser.add_argument(
+        "--cpu-warmup", type=positive_int, default=1, help="cpu_train: untimed steps per row"
+    )
+    parser.add_argument(
+        "--cpu-steps", type=positive_int, help="cpu_train: timed steps per row (default: 3)"
     )
     parser.add_argument(
         "--threads",
@@ -141,8 +187,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.inference_models = args.inference_models or ["resnet20"]
         args.inference_batches = args.inference_batches or [1, 8]
         args.inference_seconds, args.inference_calls = 0.0, 2
+        args.cpu_batches = args.cpu_batches or [4]
+        args.cpu_threads, args.cpu_steps = args.cpu_threads or [1], args.cpu_steps or 2
     args.inference_models = args.inference_models or ["resnet20", "resnet50"]
     args.inference_batches = args.inference_batches or [1, 256]
+    args.cpu_batches, args.cpu_steps = args.cpu_batches or [128, 256, 512], args.cpu_steps or 3
+    args.cpu_threads = sorted(set(args.cpu_threads or [1, len(os.sched_getaffinity(0))]))
     if args.devices is None:
         args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     if "cuda" in args.devices and not torch.cuda.is_available():
@@ -169,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         report["overhead"] = bench_overhead(args)
     if "inference" in args.sections:
         report["inference"] = bench_inference(args)
+    if "cpu_train" in args.sections:
+        report["cpu_train"] = bench_cpu_training(args)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(markdown(report))
     path = args.json or REPO / "outputs" / "bench" / f"{started:%Y-%m-%d_%H-%M-%S}.json"
@@ -176,13 +228,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {path}")
 
 
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return number
+
+
+def model_configs() -> list[str]:
+    """The models a run can name: conf/model/<name>.yaml."""
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("[!_]*.yaml"))
+
+
 def machine() -> dict:
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": cpu_name(),
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpuinfo_flags()],
         "cpu_cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
+        "cpu_auto_precision": auto_precision("cpu")[0],
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -582,7 +648,114 @@ def time_calls(run: Callable[[Tensor], Tensor], images: Tensor, seconds: float, 
     }
 
 
-# The columns of the pipeline, train and inference tables: title -> key of each JSON row.
+@dataclass(frozen=True)
+class CpuTrainSetting:
+    """One cpu_train row's settings."""
+
+    precision: str
+    memory_format: str  # NCHW or channels_last
+    batch: int
+    threads: int
+    onednn: str = "on"  # or one of ONEDNN_SETTINGS
+    run: str = "eager"  # or compiled
+
+
+def cpu_train_settings(args: argparse.Namespace) -> list[CpuTrainSetting]:
+    """Every precision x memory format x batch x threads with oneDNN's defaults, eager; then
+    each other oneDNN setting, and torch.compile, at the first batch size and the most threads."""
+    formats = ("NCHW", "channels_last")
+    settings = [
+        CpuTrainSetting(precision, memory_format, batch, threads)
+        for precision in args.cpu_precisions
+        for memory_format in formats
+        for batch in args.cpu_batches
+        for threads in args.cpu_threads
+    ]
+    batch, threads = args.cpu_batches[0], max(args.cpu_threads)
+    for onednn in args.cpu_onednn:
+        # bf32 changes fp32 math only: under bf16 autocast it would measure nothing new.
+        precisions = ["32-true"] if onednn == "bf32" else args.cpu_precisions
+        settings += [
+            CpuTrainSetting(precision, memory_format, batch, threads, onednn)
+            for precision in precisions
+            if precision in args.cpu_precisions
+            for memory_format in formats
+        ]
+    if args.compile:
+        settings += [
+            CpuTrainSetting(precision, memory_format, batch, threads, run="compiled")
+            for precision in args.cpu_precisions
+            for memory_format in formats
+        ]
+    return settings
+
+
+def bench_cpu_training(args: argparse.Namespace) -> list[dict]:
+    """A row per model and setting; torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    rows = []
+    try:
+        for name in args.cpu_models:
+            cfg = compose_config([f"model={name}"])
+            for setting in cpu_train_settings(args):
+                row = cpu_train_row(cfg, setting, args.cpu_warmup, args.cpu_steps)
+                rows.append({"model": name, **asdict(setting), **row})
+                print(f"cpu_train {name} {setting} done", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def cpu_train_row(cfg: DictConfig, setting: CpuTrainSetting, warmup: int, steps: int) -> dict:
+    """Training images/s of the model `cfg` builds, from the median of `steps` timed steps after
+    `warmup` others (the first of which compiles a compiled model: `first_step_s`)."""
+    torch.set_num_threads(setting.threads)
+    torch.manual_seed(0)
+    channels_last = setting.memory_format == "channels_last"
+    compiled = setting.run == "compiled"
+    with onednn(setting.onednn):
+        model = instantiate_group(cfg, "model", channels_last=channels_last, compile=compiled)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        size = int(cfg.data.image_size)
+        x = torch.randn(setting.batch, 3, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batches = [(x, torch.randint(0, int(cfg.model.num_classes), (setting.batch,)))]
+        criterion = nn.CrossEntropyLoss()
+        # One training step each: a CPU computes synchronously, so each call times its step.
+        seconds = [
+            run_epoch(model, batches, criterion, setting.precision, None, optimizer).seconds
+            for _ in range(warmup + steps)
+        ]
+    first_step_s, median = seconds[0], statistics.median(seconds[warmup:])
+    return {
+        "images_per_s": round(setting.batch / median, 1),
+        "ms_per_step": round(median * 1000, 1),
+        "first_step_s": round(first_step_s, 2),
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+    }
+
+
+@contextmanager
+def onednn(setting: str) -> Iterator[None]:
+    """oneDNN as `setting` says ("on": torch's defaults, or one of ONEDNN_SETTINGS), restored
+    afterwards."""
+    mkldnn = torch.backends.mkldnn
+    enabled = mkldnn.enabled
+    conv, matmul = mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision
+    try:
+        if setting == "off":
+            mkldnn.enabled = False
+        elif setting == "bf32":
+            mkldnn.conv.fp32_precision = mkldnn.matmul.fp32_precision = "bf16"
+        yield
+    finally:
+        mkldnn.enabled = enabled
+        mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision = conv, matmul
+
+
+# The columns of the pipeline, train, inference and cpu_train tables: title -> key of each row.
 TABLE_COLUMNS = {
     "pipeline": {
         "pipeline": "pipeline",
@@ -611,6 +784,18 @@ TABLE_COLUMNS = {
         "ms/call": "ms_per_call",
         "first call s": "first_call_s",
     },
+    "cpu_train": {
+        "model": "model",
+        "precision": "precision",
+        "memory format": "memory_format",
+        "batch": "batch",
+        "threads": "threads",
+        "oneDNN": "onednn",
+        "run": "run",
+        "images/s": "images_per_s",
+        "ms/step": "ms_per_step",
+        "first step s": "first_step_s",
+    },
 }
 
 
@@ -622,17 +807,33 @@ def markdown(report: dict) -> str:
         + f"; torch {m['torch']}"
         + (f", onnxruntime {m['onnxruntime']}" if "onnxruntime" in m else "")
         + f"; {report['date']}",
+        f"CPU flags: {' '.join(m['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; "
+        f"trainer.precision=auto on this CPU: {m['cpu_auto_precision']}",
+        f"command: {report['command']}",
     ]
     rate = {
         "images/s": "{:,.0f}".format,
         "peak MB": "{:,}".format,
         "ms/call": "{:,.1f}".format,
         "first call s": "{:.2f}".format,
+        "ms/step": "{:,.1f}".format,
+        "first step s": "{:.2f}".format,
     }
     for section, columns in TABLE_COLUMNS.items():
         if section in report:
             rows = [{title: r[key] for title, key in columns.items()} for r in report[section]]
             lines += ["", markdown_table(rows, rate)]
+    if report.get("cpu_train"):
+        row = report["cpu_train"][0]
+        lines += [
+            "",
+            "cpu_train: full training steps (forward, backward, SGD) on random batches; images/s "
+            f"from the median of {row['timed_steps']} timed steps after {row['warmup_steps']} "
+            "warm-up step(s); first step s: the first warm-up step, in compiled rows the "
+            "compilation; oneDNN off: torch.backends.mkldnn.enabled=False; bf32: oneDNN's fp32 "
+            "convolutions and matmuls computed in bf16 (torch.backends.mkldnn.conv/matmul."
+            "fp32_precision='bf16')",
+        ]
     if "overhead" in report:
         o = report["overhead"]
         row = {

@@ -50,6 +50,7 @@ from resnet_lightning.errors import CheckpointError, UsageError, one_line_errors
 from resnet_lightning.tools.report.output import csv_text
 from resnet_lightning.training.config import instantiate_group, trusted_saved_config
 from resnet_lightning.training.module import ImageClassifier
+from resnet_lightning.training.precision import resolve_auto_precision
 
 # A single process sees every test image once (DDP's sampler pads the last batch with repeats),
 # all of them even when the run itself tested a few batches (limit_test_batches).
@@ -161,6 +162,8 @@ def load_trained_run(ckpt_path: str | Path, overrides: Sequence[str] = ()) -> Tr
     # The weights come from the checkpoint: no download of pretrained ones, no compilation.
     cfg.model.update({"pretrained": None, "compile": False})
     cfg = _apply_overrides(cfg, overrides)
+    # A run directory's .hydra/config.yaml (or an override) may say auto: this machine's choice.
+    resolve_auto_precision(cfg)
     net = instantiate_group(cfg, "model")
     optimizer = instantiate_group(cfg, "optimizer")
     module: ImageClassifier = instantiate_group(cfg, "module", net=net, optimizer=optimizer)

@@ -50,6 +50,7 @@ from resnet_lightning.training.config import (
     take_time_budget,
 )
 from resnet_lightning.training.launch import hydra_job, process_overrides, remove_half_written_run
+from resnet_lightning.training.precision import resolve_auto_precision
 from resnet_lightning.training.resume import last_checkpoint_path, resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Run directory: %s", cfg.paths.output_dir)
     check_config(cfg)
     budget_minutes = take_time_budget(cfg)
+    # Before the config is saved anywhere: checkpoints and loggers record the precision used.
+    resolve_auto_precision(cfg)
     if cfg.get("resume") == "auto":  # the config holds the run directory's saved overrides
         check_targets(cfg, f"resume=auto of {cfg.paths.output_dir}")
     resume_path = resume_checkpoint(cfg)
@@ -195,11 +198,13 @@ def job_start_time() -> float:
 
 def quiet_noise() -> None:
     """Drop the lines that say nothing about the run: Lightning's advertisement for its
-    cloud logger, and a deprecation inside Lightning that users cannot act on."""
+    cloud logger, a deprecation inside Lightning that users cannot act on, and the model
+    summary's note that it counts mixed precision's weights in 32 bits (which they are)."""
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoTips) for f in tips.filters):
         tips.addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Precision .*-mixed is not supported by the model")
 
 
 class _NoTips(logging.Filter):
