@@ -23,20 +23,7 @@ from resnet_lightning.errors import InvalidArgument
 from resnet_lightning.models import create_model
 from resnet_lightning.models.airbench import WHITENING_EPS, PatchWhitening
 from resnet_lightning.training.module import ImageClassifier
-from tests.cli_harness import TINY, make_datamodule, run_main, without_callbacks
-
-
-def bare_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kwargs,
-    )
+from tests.cli_harness import TINY, bare_trainer, make_datamodule, run_main, without_callbacks
 
 
 def airbench_classifier(name: str = "airbench94") -> ImageClassifier:
@@ -123,7 +110,7 @@ def test_whitening_init_before_a_fit_and_not_over_a_resumed_checkpoint(
 ):
     dm = make_datamodule(data_root, cifar_archive, batch_size=8)
     module = airbench_classifier()
-    trainer = bare_trainer(max_steps=1, callbacks=[WhiteningInit(images=500)])
+    trainer = bare_trainer(max_steps=1, limit_val_batches=0, callbacks=[WhiteningInit(images=500)])
     trainer.fit(module, datamodule=dm)
     expected = create_model("airbench94")
     expected.init_whitening(dm.train_images(500))
@@ -135,7 +122,7 @@ def test_whitening_init_before_a_fit_and_not_over_a_resumed_checkpoint(
     # A resumed run whose callback would set other filters (from 100 images) keeps the
     # checkpoint's: the callback runs before the checkpoint is restored.
     resumed = airbench_classifier()
-    trainer = bare_trainer(max_steps=2, callbacks=[WhiteningInit(images=100)])
+    trainer = bare_trainer(max_steps=2, limit_val_batches=0, callbacks=[WhiteningInit(images=100)])
     trainer.fit(resumed, datamodule=dm, ckpt_path=path)
     assert trainer.global_step == 2
     assert torch.equal(resumed.net.whiten.weight.detach(), whitening)
@@ -146,7 +133,8 @@ def test_whitening_init_leaves_other_networks_alone(data_root, cifar_archive):
     torch.manual_seed(0)
     module = ImageClassifier(create_model("resnet20"), partial(torch.optim.SGD, lr=0.0))
     before = [p.detach().clone() for p in module.net.parameters()]
-    bare_trainer(max_steps=1, callbacks=[WhiteningInit()]).fit(module, datamodule=dm)
+    trainer = bare_trainer(max_steps=1, limit_val_batches=0, callbacks=[WhiteningInit()])
+    trainer.fit(module, datamodule=dm)
     assert all(torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True))
     with pytest.raises(InvalidArgument, match="images=0 must be positive"):
         WhiteningInit(images=0)
