@@ -146,7 +146,7 @@ class AirbenchNet(nn.Module):
             )
         if not bn_eps > 0:
             raise ValueError(f"bn_eps={bn_eps} must be positive, e.g. 1e-12")
-        self.whiten = PatchWhitening() if whiten else nn.Conv2d(3, 24, 2)
+        self.whiten = PatchWhitening() if whiten else nn.Conv2d(3, 24, kernel_size=2)  # same shape
         self.act = nn.GELU()
         bn = {"momentum": bn_momentum, "eps": bn_eps, "scale": bn_scale}
         planes = [self.whiten.out_channels, *widths]
