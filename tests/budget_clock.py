@@ -32,8 +32,9 @@ class StepSeconds(L.Callback):
         position = find_time_budget(trainer).position
         StepSeconds.steps.append((trainer.global_step, position, optimizer.param_groups[0]["lr"]))
 
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        slow = 0 <= self.slow_from < trainer.global_step  # the step just done was slow
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        # The step takes its time now: the budget reads the clock when the step has ended.
+        slow = 0 <= self.slow_from <= trainer.global_step
         FakeClock.now += self.slow_seconds if slow else self.seconds
 
 

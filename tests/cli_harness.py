@@ -11,6 +11,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import torch
 from PIL import Image
 
@@ -65,6 +66,18 @@ def make_datamodule(data_root, cifar_archive, **kwargs):
     dm = CifarDataModule(root=str(data_root), path=str(cifar_archive), num_workers=0, **kwargs)
     dm.setup()
     return dm
+
+
+def bare_trainer(**kwargs) -> L.Trainer:
+    """A Trainer on the CPU without logger, checkpoints, progress bar or model summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def without_callbacks(*keep: str) -> list[str]:

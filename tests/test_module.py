@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from resnet_lightning.callbacks.divergence import DivergenceGuard
@@ -189,3 +190,125 @@ def test_learning_rate_scales_with_the_global_batch(caplog):
 def test_bad_reference_batch_is_refused():
     with pytest.raises(InvalidArgument, match="lr_reference_batch=0 must be positive"):
         classifier(lr_reference_batch=0)
+
+
+# airbench's norm-bias learning rate and test-time translations
+
+
+def batch_norm_biases(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def groups_by_kind(module: ImageClassifier) -> list[str]:
+    """What each optimizer group holds: "bn.bias" (BatchNorm shifts alone), "fc" (the head
+    alone) or "rest"."""
+    shifts = {id(p) for p in batch_norm_biases(module.net)}
+    head = {id(p) for p in module.net.fc.parameters()}
+    kinds = []
+    for group in module.optimizers().optimizer.param_groups:
+        held = {id(p) for p in group["params"]}
+        kinds.append("bn.bias" if held <= shifts else "fc" if held <= head else "rest")
+    return kinds
+
+
+def decaying_classifier(**kwargs) -> ImageClassifier:
+    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return ImageClassifier(create_model("resnet20"), sgd, **kwargs)
+
+
+def test_norm_biases_get_a_scaled_lr_and_the_same_decay_per_step():
+    module = decaying_classifier(norm_bias_lr_scale=64)
+    optimizer = module.configure_optimizers()
+    rest, shifts = optimizer.param_groups
+    biases = batch_norm_biases(module.net)
+    assert {id(p) for p in shifts["params"]} == {id(p) for p in biases}
+    assert len(rest["params"]) + len(biases) == len(list(module.net.parameters()))
+    assert (rest["lr"], rest["weight_decay"]) == (0.1, 5e-4)
+    assert shifts["lr"] == pytest.approx(6.4) and shifts["weight_decay"] == pytest.approx(5e-4 / 64)
+    assert shifts["lr"] * shifts["weight_decay"] == pytest.approx(rest["lr"] * rest["weight_decay"])
+
+
+def test_norm_bias_scale_composes_with_the_other_groups_and_onecycle():
+    """Head and backbone lr, no decay on norms and biases, the batch's lr scaling and
+    OneCycle's max_lr per group, all with the BatchNorm shifts 64x faster."""
+    module = decaying_classifier(
+        norm_bias_lr_scale=64,
+        backbone_lr_scale=0.1,
+        no_decay_bn_bias=True,
+        lr_reference_batch=16,  # batches of 8: everything x 0.5
+        scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.4),
+        scheduler_interval="step",
+    )
+    fit_on_random_images(module, batch_size=8, max_steps=1)
+    groups = module.optimizers().optimizer.param_groups
+    kinds = groups_by_kind(module)
+    # head decayed, head spared (fc.bias), backbone decayed, backbone spared, its BN shifts
+    assert kinds == ["fc", "fc", "rest", "rest", "bn.bias"]
+    max_lrs = [g["max_lr"] for g in groups]
+    assert max_lrs == pytest.approx([0.2, 0.2, 0.02, 0.02, 0.02 * 64])
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0, 5e-4, 0.0, 0.0]
+
+
+def test_a_real_step_moves_norm_biases_by_the_scaled_amount():
+    """Plain SGD: each parameter moves by -lr (grad + wd p); the BatchNorm shifts by
+    -lr (64 grad + wd p)."""
+    torch.manual_seed(0)
+    sgd = partial(torch.optim.SGD, lr=0.01, weight_decay=5e-4)
+    module = ImageClassifier(create_model("resnet20"), sgd, norm_bias_lr_scale=64)
+    optimizer = module.configure_optimizers()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    module.criterion(module(images), labels).backward()
+    grads = {n: p.grad.clone() for n, p in module.net.named_parameters()}
+    optimizer.step()
+    shifts = {id(p) for p in batch_norm_biases(module.net)}
+    for name, param in module.net.named_parameters():
+        factor = 64 if id(param) in shifts else 1
+        expected = before[name] - 0.01 * (factor * grads[name] + 5e-4 * before[name])
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+class Asymmetric(torch.nn.Module):
+    """Logits that change with every shift and mirror of the image: a linear map of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_test_time_translations_weigh_the_views_as_airbench(flip):
+    torch.manual_seed(0)
+    net = Asymmetric()
+    module = ImageClassifier(net, torch.optim.SGD, test_time_flip=flip, test_time_translate=1)
+    x = torch.randn(4, 3, 8, 8)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    down_right, up_left = padded[..., :8, :8], padded[..., 2:, 2:]
+    # The shifted images, pixel by pixel: down-right takes its pixel (i, j) from (i-1, j-1).
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(down_right[..., 0, 1:], x[..., 1, :-1])  # reflected: row -1 is row 1
+
+    def views(image):
+        return (net(image) + net(image.flip(-1))) / 2 if flip else net(image)
+
+    expected = 0.5 * views(x) + 0.25 * views(down_right) + 0.25 * views(up_left)
+    with torch.no_grad():
+        torch.testing.assert_close(module.predict_logits(x), expected.detach())
+        plain = ImageClassifier(net, torch.optim.SGD, test_time_flip=flip)
+        assert not torch.allclose(plain.predict_logits(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"norm_bias_lr_scale": 0}, "norm_bias_lr_scale=0 must be positive"),
+        ({"test_time_translate": -1}, "test_time_translate=-1 must be >= 0"),
+    ],
+)
+def test_bad_airbench_options_are_refused(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        classifier(**kwargs)

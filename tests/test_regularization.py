@@ -17,7 +17,7 @@ from torchvision.ops import StochasticDepth
 
 from resnet_lightning.models import create_model
 from resnet_lightning.training.module import ImageClassifier
-from tests.cli_harness import TINY, make_datamodule, run_main, without_callbacks
+from tests.cli_harness import TINY, bare_trainer, make_datamodule, run_main, without_callbacks
 
 NUM_CLASSES = 10
 
@@ -25,17 +25,6 @@ NUM_CLASSES = 10
 def first_train_batch(dm) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = next(iter(dm.train_dataloader()))
     return images, labels
-
-
-def bare_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def classifier(**kwargs) -> ImageClassifier:

@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from resnet_lightning.data import NORMALIZATION, CifarDataModule, TensorLoader
+from resnet_lightning.errors import InvalidArgument
 from tests.cli_harness import REPO, SHARED_CIFAR, TINY, make_datamodule, run_cli
 
 GPU = [
@@ -217,3 +219,136 @@ def test_bf16_channels_last_training_on_the_gpu(tmp_path, data_overrides, compil
     run_cli([*overrides, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["test/loss"] == metrics["test/loss"]  # not nan
+
+
+# airbench's crop and flip options: data.padding, data.pad_mode, data.flip
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> normalised float (B, C, H, W), as both pipelines normalise."""
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def crop_offsets(out: torch.Tensor, image: torch.Tensor, padding: int) -> list[tuple[int, int]]:
+    """The offsets (dy, dx) at which `out` (C, H, W) is a crop of `image` (H, W, C) padded by
+    reflection (torch's own F.pad, the reference)."""
+    padded = F.pad(normalise(image[None]), (padding,) * 4, mode="reflect")[0]
+    side = 2 * padding + 1
+    return [
+        (dy, dx)
+        for dy in range(side)
+        for dx in range(side)
+        if torch.allclose(padded[:, dy : dy + 32, dx : dx + 32], out, atol=1e-5)
+    ]
+
+
+def test_reflect_padding_crops_windows_of_the_reflected_image(data_root, cifar_archive):
+    """Both pipelines, real images, no flips: every crop is a window of the image padded by
+    reflection, at every offset, and the reflected border shows off the centre."""
+    dm = make_datamodule(
+        data_root, cifar_archive, padding=2, pad_mode="reflect", flip="none", val_size=0
+    )
+    images = dm.arrays.train_images[:64]
+    loader = TensorLoader(
+        images,
+        dm.arrays.train_labels[:64],
+        64,
+        MEAN,
+        STD,
+        augment=True,
+        padding=2,
+        pad_mode="reflect",
+        flip="none",
+    )
+    tensor_crops, _ = next(iter(loader))
+    transform = dm.transform(train=True)
+    torch.manual_seed(0)
+    torchvision_crops = [transform(Image.fromarray(image.numpy())) for image in images]
+    for crops in (tensor_crops, torchvision_crops):
+        offsets = [crop_offsets(out, image, 2) for out, image in zip(crops, images, strict=True)]
+        assert all(offsets), "a crop that is no window of the reflected image"
+        seen = {found[0] for found in offsets}
+        assert len(seen) > 10 and any(dy != 2 and dx != 2 for dy, dx in seen)
+
+
+def flipped_in_order(loader: TensorLoader, images: torch.Tensor) -> torch.Tensor:
+    """For an unshuffled, untranslated loader over `images`: whether each came out mirrored
+    (each matches exactly one of itself and its mirror)."""
+    out = torch.cat([batch for batch, _ in loader])
+    plain, mirrored = normalise(images), normalise(images.flip(2))
+    is_plain = (out - plain).flatten(1).abs().amax(1) < 1e-5
+    is_mirrored = (out - mirrored).flatten(1).abs().amax(1) < 1e-5
+    assert torch.equal(is_plain, ~is_mirrored)
+    return is_mirrored
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch(data_root, cifar_archive):
+    dm = make_datamodule(data_root, cifar_archive, pipeline="tensor", val_size=0)
+    images = dm.arrays.train_images[:200]
+    positions = torch.arange(200)  # as labels: where each image of a batch came from
+
+    def loader(epoch: int, seed: int = 3, **kwargs) -> TensorLoader:
+        made = TensorLoader(
+            images,
+            positions,
+            50,
+            MEAN,
+            STD,
+            augment=True,
+            padding=0,
+            flip="alternating",
+            seed=seed,
+            **kwargs,
+        )
+        made.sampler.set_epoch(epoch)
+        return made
+
+    flips = [flipped_in_order(loader(epoch), images) for epoch in range(4)]
+    assert int(flips[0].sum()) == 100  # half the images in the first epoch
+    for epoch in range(3):
+        assert torch.equal(flips[epoch + 1], ~flips[epoch])  # each in every other epoch
+    assert not torch.equal(flipped_in_order(loader(0, seed=4), images), flips[0])
+    # A property of (seed, image, epoch), not of the order the images come in, of the global
+    # RNG, or of where an epoch starts: a run resumed after two batches flips as one that
+    # was not stopped.
+    torch.manual_seed(123)
+    full = [(x, i) for x, i in loader(1, shuffle=True)]
+    resumed = loader(1, shuffle=True)
+    resumed.load_state_dict({"epoch": 1, "seen": 100})
+    tail = list(resumed)
+    assert len(full) == 4 and len(tail) == 2
+    for (x, i), (x_resumed, i_resumed) in zip(full[2:], tail, strict=True):
+        assert torch.equal(x, x_resumed) and torch.equal(i, i_resumed)
+    out, order = torch.cat([x for x, _ in full]), torch.cat([i for _, i in full])
+    expected = torch.where(flips[1][order, None, None, None], images.flip(2)[order], images[order])
+    torch.testing.assert_close(out, normalise(expected), atol=1e-5, rtol=0)
+
+
+def test_flip_none_never_mirrors(data_root, cifar_archive):
+    dm = make_datamodule(data_root, cifar_archive, padding=0, flip="none")
+    images = dm.arrays.train_images[:64]
+    loader = TensorLoader(
+        images, torch.arange(64), 64, MEAN, STD, augment=True, padding=0, flip="none"
+    )
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        assert not flipped_in_order(loader, images).any()
+    transform = dm.transform(train=True)
+    torch.manual_seed(0)
+    torchvision_out = torch.stack([transform(Image.fromarray(x.numpy())) for x in images])
+    torch.testing.assert_close(torchvision_out, normalise(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"padding": 32}, "padding=32 must be in 0..31"),
+        ({"pad_mode": "edge"}, "pad_mode='edge' is unknown; use one of zeros, reflect"),
+        ({"flip": "always"}, "flip='always' is unknown; use one of random, alternating, none"),
+        ({"flip": "alternating"}, "flip='alternating' needs data.pipeline=tensor"),
+    ],
+)
+def test_bad_crop_and_flip_options_are_refused(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        CifarDataModule(**kwargs)

@@ -17,7 +17,7 @@ from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
 from .mixing import MixedTrainingBatches, batch_mixer
 from .policies import ERASING_RATIO, ERASING_SCALE, check_augmentation, torchvision_policy
 from .sampling import ResumableDataLoader, ResumableSampler, run_seed
-from .tensor_loader import TensorLoader, intra_op_threads
+from .tensor_loader import FLIPS, PAD_MODES, TensorLoader, intra_op_threads
 
 PIPELINES = ("torchvision", "tensor")
 # Per-channel statistics of the training images (CIFAR-10's, CIFAR-100's), and torchvision's
@@ -135,7 +135,15 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
             runs with different seeds are validated on the same images.
         image_size: 32, or e.g. 224 to resize for ImageNet-style networks.
         normalization: "cifar" or "imagenet" mean/std.
-        augment: random crop (padding 4) and horizontal flip for training.
+        augment: random crop and horizontal flip for training.
+        padding: with `augment`, the crop's translation range: the image is padded by this
+            many pixels and a 32 px window cut at a random offset (4; airbench uses 2).
+        pad_mode: what that padding holds: "zeros" or "reflect" (the image mirrored at its
+            edges, the edge pixel not repeated: torchvision's padding_mode="reflect").
+        flip: with `augment`, "random" (each image mirrored with probability 1/2),
+            "alternating" (airbench's derandomised flip: half the images, chosen by the seed,
+            mirrored in even epochs and the others in odd ones, so each image in every other
+            epoch; pipeline=tensor only) or "none".
         cutout: with `augment`, a square of this side (at 32 px) set to the mean colour in
             each training image (DeVries & Taylor 2017); 0 for none.
         policy: with `augment`, after crop and flip: "none", "autoaugment" (the CIFAR-10
@@ -170,6 +178,9 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
         image_size: int = 32,
         normalization: str = "cifar",
         augment: bool = True,
+        padding: int = 4,
+        pad_mode: str = "zeros",
+        flip: str = "random",
         cutout: int = 0,
         policy: str = "none",
         randaugment_n: int = 2,
@@ -202,6 +213,19 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
         if pipeline not in PIPELINES:
             raise InvalidArgument(
                 "pipeline", pipeline, f"is unknown; use one of {', '.join(PIPELINES)}"
+            )
+        if not 0 <= padding < 32:
+            raise InvalidArgument("padding", padding, "must be in 0..31 pixels, e.g. 4 or 2")
+        if pad_mode not in PAD_MODES:
+            raise InvalidArgument(
+                "pad_mode", pad_mode, f"is unknown; use one of {', '.join(PAD_MODES)}"
+            )
+        if flip not in FLIPS:
+            raise InvalidArgument("flip", flip, f"is unknown; use one of {', '.join(FLIPS)}")
+        if flip == "alternating" and pipeline != "tensor":
+            # Its flips depend on the epoch, which persistent loader workers do not see.
+            raise InvalidArgument(
+                "flip", flip, "needs data.pipeline=tensor; set it, or data.flip=random"
             )
         if not 0 <= cutout < 32:
             raise InvalidArgument(
@@ -248,9 +272,11 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
         mean, std = NORMALIZATION[self.hparams.normalization]
         augment = train and self.hparams.augment
         steps = []
-        if augment:
-            steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
         h = self.hparams
+        if augment:
+            mode = "constant" if h.pad_mode == "zeros" else h.pad_mode
+            steps.append(v2.RandomCrop(32, padding=h.padding, padding_mode=mode))
+            steps += [v2.RandomHorizontalFlip()] if h.flip == "random" else []
         policy = torchvision_policy(h.policy, h.randaugment_n, h.randaugment_m) if augment else None
         if policy is not None:
             # On the uint8 tensor, not PIL: torchvision's tensor kernels, which the tensor
@@ -302,6 +328,9 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
             std,
             index=index,
             augment=train and self.hparams.augment,
+            padding=self.hparams.padding,
+            pad_mode=self.hparams.pad_mode,
+            flip=self.hparams.flip,
             cutout=self.hparams.cutout if train and self.hparams.augment else 0,
             policy=self.hparams.policy if train and self.hparams.augment else "none",
             randaugment_n=self.hparams.randaugment_n,
@@ -315,6 +344,25 @@ class CifarDataModule(MixedTrainingBatches, L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+
+    def train_images(self, count: int) -> torch.Tensor:
+        """The first `count` training images of the split, normalised and un-augmented as
+        evaluation sees them: float (N, 3, S, S) on the CPU (for data-dependent initialisation,
+        such as airbench's whitening layer), whichever the pipeline."""
+        index = self.train_index[:count]
+        mean, std = NORMALIZATION[self.hparams.normalization]
+        arrays = self.arrays
+        loader = TensorLoader(
+            arrays.train_images,
+            arrays.train_labels,
+            len(index),
+            mean,
+            std,
+            index=index,
+            image_size=self.hparams.image_size,
+        )
+        images, _ = next(iter(loader))
+        return images
 
     def _arrays_on(self, device: torch.device) -> CifarArrays:
         # One copy per device, shared by the train, val and test loaders; on the CPU, none.

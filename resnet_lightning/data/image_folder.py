@@ -558,6 +558,13 @@ class ImageFolderDataModule(MixedTrainingBatches, L.LightningDataModule):
         """Any picture, as a test image (the caller opens it as RGB)."""
         return self.transform(train=False)
 
+    def train_images(self, count: int) -> torch.Tensor:
+        """The first `count` training images, decoded as evaluation decodes them (resize,
+        centre crop, normalisation): float (N, 3, S, S), for data-dependent initialisation
+        such as airbench's whitening layer, whichever the pipeline."""
+        files = ImageFiles(self.samples["train"][:count], self.transform(train=False))
+        return torch.stack([files[i][0] for i in range(len(files))])
+
     def tensor_loader(
         self, split: str, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
     ) -> TensorLoader:

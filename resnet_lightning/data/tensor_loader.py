@@ -3,10 +3,10 @@
 The torchvision path decodes every image through PIL in Python; here the data set stays one
 (N, H, W, C) uint8 tensor (on the GPU when training there) and each batch is gathered, cropped,
 flipped, normalised and resized by a handful of tensor ops. The transforms match the
-torchvision ones in distribution: crop offsets uniform over 0..2*padding with zero padding,
-flips with probability 0.5, cutout squares uniform over the image; for larger images
-(random_resized_crop) RandomResizedCrop's areas and aspects, each batch's crops resized by
-one roi_align.
+torchvision ones in distribution: crop offsets uniform over 0..2*padding with zero (or
+reflected) padding, flips with probability 0.5, cutout squares uniform over the image; for
+larger images (random_resized_crop) RandomResizedCrop's areas and aspects, each batch's crops
+resized by one roi_align. Alternating flips (airbench's) have no torchvision counterpart.
 
 Sharding follows DistributedSampler: every rank draws the same permutation from the seed and
 the epoch, and takes its own slice of it.
@@ -28,6 +28,9 @@ from torchvision.ops import roi_align
 from .policies import BatchPolicy, erase, random_erasing
 from .sampling import ResumableSampler
 
+PAD_MODES = ("zeros", "reflect")
+FLIPS = ("random", "alternating", "none")
+
 
 @contextmanager
 def intra_op_threads(count: int) -> Iterator[None]:
@@ -40,21 +43,52 @@ def intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Crop each (H, W, C) uint8 image of the batch at a random offset after zero padding,
-    and mirror half of them; returns (B, C, H, W) (with channels-last strides)."""
+def random_crop_flip(
+    images: Tensor,
+    padding: int,
+    generator: torch.Generator,
+    *,
+    reflect: bool = False,
+    flip: Tensor | None = None,
+) -> Tensor:
+    """Crop each (H, W, C) uint8 image of the batch at a random offset after padding it by
+    `padding` pixels (zeros, or the image reflected at its edges), and mirror those that
+    `flip` (B,) marks, or, when it is None, half of them at random; returns (B, C, H, W)
+    (with channels-last strides)."""
     size, h, w, c = images.shape
     device = images.device
-    # The batch and its mirror image, zero padded, so one gather does crop and flip.
+    # The batch and its mirror image, padded, so one gather does crop and flip.
     padded = images.new_zeros(2 * size, h + 2 * padding, w + 2 * padding, c)
-    padded[:size, padding : padding + h, padding : padding + w] = images
-    padded[size:, padding : padding + h, padding : padding + w] = images.flip(2)
+    if reflect:
+        rows, cols = reflected(h, padding, device), reflected(w, padding, device)
+        padded[:size] = images[:, rows][:, :, cols]
+        padded[size:] = padded[:size].flip(2)
+    else:
+        padded[:size, padding : padding + h, padding : padding + w] = images
+        padded[size:, padding : padding + h, padding : padding + w] = images.flip(2)
     windows = padded.unfold(1, h, 1).unfold(2, w, 1)  # every crop, (2B, 2p+1, 2p+1, C, H, W)
     dy, dx = torch.randint(0, 2 * padding + 1, (2, size), device=device, generator=generator)
-    flip = torch.rand(size, device=device, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(size, device=device, generator=generator) < 0.5
     # The mirror of the crop at dx is the crop of the mirror at 2p - dx.
     dx = torch.where(flip, 2 * padding - dx, dx)
     return windows[torch.arange(size, device=device) + size * flip, dy, dx]
+
+
+def reflected(length: int, padding: int, device: torch.device) -> Tensor:
+    """The source index of each position of a side of `length` padded by `padding` on both
+    ends with its reflection (edge pixel not repeated: torch's "reflect"): -1 -> 1."""
+    index = torch.arange(-padding, length + padding, device=device).abs()
+    return torch.where(index >= length, 2 * (length - 1) - index, index)
+
+
+def alternating_flips(count: int, seed: int, device: torch.device) -> Tensor:
+    """Per image, whether it is mirrored in even epochs (odd ones mirror the others): airbench's
+    derandomised flip (Jordan 2024), each image mirrored in every other epoch. Exactly half of
+    the `count` images, chosen by the seed alone (a stream apart from the shuffles' and the
+    batches' draws), so that every rank and a resumed run agree."""
+    generator = torch.Generator().manual_seed(hash((seed, -1)) % 2**63)
+    return (torch.randperm(count, generator=generator) < count // 2).to(device)
 
 
 def random_resized_crop_boxes(
@@ -142,7 +176,12 @@ class TensorLoader:
         batch_size: images per batch, per rank.
         mean, std: per-channel normalisation, on the 0..1 scale.
         index: the positions in `images` this loader serves (e.g. a validation split).
-        augment: random crop with `padding` zero pixels and horizontal flip.
+        augment: random crop after padding by `padding` pixels, and horizontal flip.
+        pad_mode: what the crop's padding holds: "zeros" or "reflect" (the image mirrored at
+            its edges, the edge pixel not repeated).
+        flip: with `augment`, "random" (each image mirrored with probability 1/2), "alternating"
+            (airbench's: half the images, drawn from the seed, mirrored in even epochs, the
+            other half in odd ones: each image in every other epoch), or "none".
         random_resized_crop: the ImageNet recipe instead, for images larger than
             `image_size` (image folders): training crops RandomResizedCrop(image_size) and
             flips, evaluation takes the centre image_size square.
@@ -169,6 +208,8 @@ class TensorLoader:
         index: Tensor | None = None,
         augment: bool = False,
         padding: int = 4,
+        pad_mode: str = "zeros",
+        flip: str = "random",
         random_resized_crop: bool = False,
         cutout: int = 0,
         policy: str = "none",
@@ -190,7 +231,18 @@ class TensorLoader:
         self.images, self.labels = images, labels
         self.index = torch.arange(len(labels)) if index is None else index.cpu()
         self.batch_size, self.drop_last = batch_size, drop_last
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode={pad_mode!r} is not one of {', '.join(PAD_MODES)}")
+        if flip not in FLIPS:
+            raise ValueError(f"flip={flip!r} is not one of {', '.join(FLIPS)}")
+        if flip != "random" and random_resized_crop:
+            raise ValueError(f"flip={flip!r}: random_resized_crop flips at random only")
         self.augment, self.padding, self.channels_last = augment, padding, channels_last
+        self.reflect, self.flip = pad_mode == "reflect", flip
+        # Indexed by the images' positions in `images`, as the batches are.
+        self.even_epoch_flips = (
+            alternating_flips(len(images), seed, images.device) if flip == "alternating" else None
+        )
         self.random_resized_crop = random_resized_crop
         self.image_size = image_size or images.shape[1]
         self.cutout = round(cutout * self.image_size / images.shape[1])
@@ -241,7 +293,9 @@ class TensorLoader:
             batch = self.index[torch.tensor(chunk, dtype=torch.long)].to(self.images.device)
             with intra_op_threads(1) if on_cpu else nullcontext():
                 # index_select copies whole images; `images[batch]` goes element by element.
-                images = self.transform(self.images.index_select(0, batch), generator)
+                images = self.transform(
+                    self.images.index_select(0, batch), generator, self.flips(batch)
+                )
             yield images, self.labels.index_select(0, batch)
 
     def state_dict(self) -> dict[str, int]:
@@ -251,14 +305,27 @@ class TensorLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
 
-    def transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """uint8 (B, H, W, C) -> float32 (B, C, S, S), normalised and augmented."""
+    def flips(self, batch: Tensor) -> Tensor | None:
+        """Which images of the batch (positions in `images`) to mirror; None: half at random."""
+        if self.flip == "none":
+            return torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
+        if self.flip == "alternating":
+            return self.even_epoch_flips[batch] ^ (self.sampler.epoch % 2 == 1)
+        return None
+
+    def transform(
+        self, images: Tensor, generator: torch.Generator, flip: Tensor | None = None
+    ) -> Tensor:
+        """uint8 (B, H, W, C) -> float32 (B, C, S, S), normalised and augmented; `flip`: which
+        to mirror (None: half at random)."""
         if self.random_resized_crop and self.augment:
             images = random_resized_crop_flip(images, self.image_size, generator)
         elif self.random_resized_crop:
             images = center_crop(images, self.image_size)
         elif self.augment:
-            images = random_crop_flip(images, self.padding, generator)
+            images = random_crop_flip(
+                images, self.padding, generator, reflect=self.reflect, flip=flip
+            )
         else:
             images = images.permute(0, 3, 1, 2)
         if self.policy is not None:

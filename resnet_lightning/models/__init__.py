@@ -4,7 +4,7 @@ Importing nothing from Lightning, Hydra or the rest of this project keeps this p
 on its own.
 """
 
-from . import baselines, cifar_resnet, resnet, resnet9  # noqa: F401  (registers the models)
+from . import airbench, baselines, cifar_resnet, resnet, resnet9  # noqa: F401  (registers the models)
 from .factory import create_model, get_classifier
 from .registry import ModelInfo, get_model_info, list_models
 

@@ -105,13 +105,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = [instantiate_group(cfg, key) for key in group_entries(cfg, "logger")]
-    # The guard first, so that its checks fall inside other callbacks' per-batch windows.
-    callbacks = [DivergenceGuard(), *configured_callbacks(cfg, with_loggers=bool(loggers))]
+    # The guard first, so that its checks fall inside other callbacks' per-batch windows; the
+    # budget next (not in conf/callbacks: no override switches it off), so that the position
+    # a step ends at is known to the callbacks after it (lookahead's last pull, checkpoints).
+    budget = TimeBudget(budget_minutes, started_at) if budget_minutes else None
+    callbacks = [DivergenceGuard(), *([budget] if budget else [])]
+    callbacks += configured_callbacks(cfg, with_loggers=bool(loggers))
     on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal, FitOutcome()]
-    budget = TimeBudget(budget_minutes, started_at) if budget_minutes else None
-    if budget is not None:  # not in conf/callbacks: a budget cannot be switched off by one
-        callbacks.append(budget)
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
     plugins = [AtomicCheckpointIO(), *(instantiate_group(cfg, "trainer.plugins") or [])]
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
