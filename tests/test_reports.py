@@ -1,7 +1,8 @@
 """Reports and TensorBoard figures, on a real sweep: `experiment=degradation` run tiny.
 
 One module-scoped sweep (plain20, plain56, resnet20, resnet56, a few steps each) feeds the
-TensorBoard assertions, the summary and the degradation report.
+TensorBoard assertions, the summary and the degradation report; a sweep of two time budgets
+and two seeds feeds the summary's time-to-accuracy table and figure.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from resnet_lightning.models.complexity import count_macs, count_parameters, par
 from resnet_lightning.tools.report import compare
 from resnet_lightning.tools.report.cli import main as report_main
 from resnet_lightning.tools.report.runs import find_runs
-from resnet_lightning.tools.report.summary import plot_validation_curves
-from tests.cli_harness import REPO, TINY, run_cli
+from resnet_lightning.tools.report.summary import plot_validation_curves, time_to_accuracy_section
+from tests.cli_harness import REPO, TINY, run_cli, without_callbacks
 
 DEGRADATION_MODELS = ["plain20", "plain56", "resnet20", "resnet56"]
 # TINY with one batch per evaluation: 2 epochs x 3 steps of 16 images per job.
@@ -39,21 +40,44 @@ SWEEP_OVERRIDES = [
 ]
 
 
+def run_sweep(sweep_dir, overrides: list[str], data_root, cifar_archive):
+    """A multirun through the CLI into `sweep_dir`, on the session's data."""
+    data = [f"data.root={data_root}", f"data.path={cifar_archive}"]
+    run_cli([*overrides, *data, f"hydra.sweep.dir={sweep_dir}"], cwd=REPO)
+    return sweep_dir
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, data_root, cifar_archive):
     """The degradation experiment as one command (it is a multirun by itself), made tiny."""
-    sweep_dir = tmp_path_factory.mktemp("degradation")
-    run_cli(
-        [
-            "experiment=degradation",
-            *SWEEP_OVERRIDES,
-            f"data.root={data_root}",
-            f"data.path={cifar_archive}",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cwd=REPO,
-    )
-    return sweep_dir
+    overrides = ["experiment=degradation", *SWEEP_OVERRIDES]
+    return run_sweep(tmp_path_factory.mktemp("degradation"), overrides, data_root, cifar_archive)
+
+
+# Each job of a budget sweep gets its own budget, counted from the job's start; the first job's
+# also pays for the interpreter's imports, and a budget that leaves nothing to train after
+# start-up and the final test kept back is refused: hence not less than 30 s. 20 steps an epoch
+# of up to 1,000 epochs: the budget, not the epochs, ends training.
+BUDGETS_S = [30, 40]
+BUDGET_SWEEP_OVERRIDES = [
+    *TINY,
+    "model=resnet20",
+    "data.pipeline=tensor",
+    "scheduler=linear_to_zero",
+    "trainer.max_epochs=1000",
+    "trainer.limit_train_batches=20",
+    "trainer.limit_val_batches=0",
+    "trainer.limit_test_batches=2",
+    "budget=" + ",".join(f"{s}s" for s in BUDGETS_S),
+    "seed=0,1",
+]
+
+
+@pytest.fixture(scope="module")
+def budget_sweep(tmp_path_factory, data_root, cifar_archive):
+    """Two time budgets by two seeds: four jobs of a multirun."""
+    overrides = ["-m", *BUDGET_SWEEP_OVERRIDES, *without_callbacks()]
+    return run_sweep(tmp_path_factory.mktemp("budgets"), overrides, data_root, cifar_archive)
 
 
 def events(run_dir, model) -> EventAccumulator:
@@ -197,6 +221,61 @@ def test_summary_is_the_default_report_and_bad_directories_are_one_line(sweep, t
     assert failed.stderr.strip().splitlines()[-1].startswith(f"error: {empty} holds no runs")
     assert "Traceback" not in failed.stderr
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.slow  # four jobs of 30 s and 40 s
+def test_summary_of_a_budget_sweep_plots_accuracy_against_the_budget(budget_sweep, tmp_path):
+    assert report_main([str(budget_sweep), "--out", str(tmp_path)]) == 0
+    jobs = [p for p in budget_sweep.iterdir() if (p / "metrics.json").is_file()]
+    metrics = {p.name: json.loads((p / "metrics.json").read_text()) for p in jobs}
+    assert sorted(metrics) == ["0", "1", "2", "3"]
+    assert sorted(m["budget_s"] for m in metrics.values()) == [30, 30, 40, 40]
+
+    # The table: one row per job, with its budget, the time it used and the epochs it trained.
+    rows = read_csv(tmp_path / "summary.csv")
+    assert list(rows[0])[-3:] == ["budget_min", "budget_used_s", "epochs_done"]
+    for row in rows:
+        job = metrics[row["job"]]
+        assert float(row["budget_min"]) == pytest.approx(job["budget_s"] / 60)
+        assert float(row["budget_used_s"]) == job["budget_used_s"]
+        assert float(row["epochs_done"]) == job["epochs_done"]
+
+    # Accuracy against the budget: one row per budget (the model does not vary), the mean of
+    # the two seeds' test/acc, their lowest and highest.
+    by_budget = {
+        s: [m["test/acc"] for m in metrics.values() if m["budget_s"] == s] for s in BUDGETS_S
+    }
+    table = read_csv(tmp_path / "summary_time_to_accuracy.csv")
+    assert list(table[0]) == ["budget_min", "test/acc mean", "test/acc min", "test/acc max", "n"]
+    assert [float(r["budget_min"]) for r in table] == pytest.approx([s / 60 for s in BUDGETS_S])
+    for row, accuracies in zip(table, by_budget.values(), strict=True):
+        assert float(row["test/acc mean"]) == pytest.approx(sum(accuracies) / 2)
+        assert float(row["test/acc min"]) == min(accuracies)
+        assert float(row["test/acc max"]) == max(accuracies)
+        assert row["n"] == "2"
+
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "![validation accuracy](summary_val_acc.png)" in markdown
+    section = markdown.split("## Time to accuracy", 1)[1]
+    lines = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    assert lines[0][0] == "| budget_min" and len(lines) == 1 + len(BUDGETS_S)
+    for cells, budget_s, accuracies in zip(lines[1:], BUDGETS_S, by_budget.values(), strict=True):
+        assert cells[0] == f"| {budget_s / 60:.4g}"
+        assert cells[1] == f"{100 * sum(accuracies) / 2:.2f}%"
+        assert cells[-1] == "2 |"
+    caption = "test accuracy against the time budget: mean over seeds, bars from min to max"
+    assert f"![{caption}](summary_time_to_accuracy.png)" in section
+    width, height = assert_png((tmp_path / "summary_time_to_accuracy.png").read_bytes())
+    assert width > 500 and height > 300
+
+    # One line, a point per budget, its error bar from the lowest seed to the highest.
+    (ax,) = time_to_accuracy_section(find_runs(budget_sweep)).figure.axes
+    (errorbar,) = ax.containers
+    line, _, (bars,) = errorbar
+    assert list(line.get_xdata()) == pytest.approx([s / 60 for s in BUDGETS_S])
+    assert errorbar.get_label() == "all jobs (n=2 seeds)"
+    for (low, high), accuracies in zip(bars.get_segments(), by_budget.values(), strict=True):
+        assert [low[1], high[1]] == pytest.approx([100 * min(accuracies), 100 * max(accuracies)])
 
 
 def test_degradation_report_plots_plain_against_residual(sweep, tmp_path):
