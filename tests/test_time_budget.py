@@ -71,6 +71,8 @@ def test_learning_rate_follows_the_budget_position(tmp_path, data_overrides, cap
     assert len(steps) == metrics["steps"] == math.ceil(available)
     assert steps[-1][2] <= LR / available + LR / 2500  # the last second of a linear fall
     assert metrics["budget_train_s"] == pytest.approx(len(steps))
+    # The evaluation took no fake time; testing a checkpoint does not count the time twice.
+    assert metrics["budget_used_s"] == pytest.approx(len(steps))
     assert metrics["epochs_done"] == pytest.approx(len(steps) / 25, abs=1e-3)
 
 

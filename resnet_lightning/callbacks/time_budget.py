@@ -99,6 +99,7 @@ class TimeBudget(L.Callback):
         self.schedule: Any = None
         self.train_end_s: float | None = None
         self._steps_per_epoch = math.inf
+        self._fitting = False
 
     # -- the clock --------------------------------------------------------------------------
     def used_s(self) -> float:
@@ -184,9 +185,15 @@ class TimeBudget(L.Callback):
             "train_start_s": self.train_start_s,
         }
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.used_before_s = state_dict["used_s"]
-        self.train_start_s = state_dict["train_start_s"]
+        # Only a resumed fit continues the saved budget: testing a checkpoint of this very
+        # run restores callbacks too, and would count the time before it twice.
+        if self._fitting:
+            self.used_before_s = state_dict["used_s"]
+            self.train_start_s = state_dict["train_start_s"]
 
     def summary(self, steps: int) -> dict[str, float]:
         """What metrics.json records of the budget (seconds, and epochs as a fraction)."""
