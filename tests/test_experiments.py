@@ -22,6 +22,7 @@ EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml
 # The single-run recipes of this project's papers, run for one step each below.
 RECIPES = [
     "cpu_quick",
+    "fast94",
     "paper_cifar",
     "preact_resnet164",
     "wrn28_10",

@@ -100,7 +100,10 @@ def test_an_explicit_precision_is_kept_and_nothing_is_said(given, cpu_flags, cap
 def test_recipes_that_name_a_precision_keep_it():
     assert compose_config().trainer.precision == "auto"
     assert compose_config(["experiment=seed_resnet50"]).trainer.precision == "32-true"
-    assert compose_config(["experiment=fast94"]).trainer.precision == "bf16-mixed"
+    assert compose_config(["experiment=resnet9_dawnbench"]).trainer.precision == "bf16-mixed"
+    # The airbench recipes leave it to the hardware: bf16 where it is native.
+    assert compose_config(["experiment=fast94"]).trainer.precision == "auto"
+    assert compose_config(["experiment=cpu_quick"]).trainer.precision == "auto"
 
 
 def proc_cpuinfo_flags() -> set[str]:

@@ -174,16 +174,14 @@ def test_the_data_set_is_held_once_as_uint8(data_root, cifar_archive):
 
 
 @pytest.mark.slow  # make test-all
-def test_fast94_recipe_runs_through_the_cli(tmp_path, data_overrides):
-    """The whole fast94 recipe (ResNet-9, tensor pipeline on the training device, bf16,
+def test_resnet9_dawnbench_recipe_runs_through_the_cli(tmp_path, data_overrides):
+    """The whole ResNet-9 DAWNBench recipe (tensor pipeline on the training device, bf16,
     channels-last, cutout, label smoothing, test-time flips) for a few steps on this machine."""
     run_dir = tmp_path / "run"
     tiny = [o for o in TINY if not o.startswith("trainer=")]
     smaller = ["trainer.limit_train_batches=2", "data.batch_size=8"]  # ResNet-9 is heavy here
-    run_cli(
-        ["experiment=fast94", *tiny, *smaller, *data_overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-    )
+    recipe = "experiment=resnet9_dawnbench"
+    run_cli([recipe, *tiny, *smaller, *data_overrides, f"hydra.run.dir={run_dir}"], cwd=REPO)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["params"] == 6_573_120  # ResNet-9
     assert 0.0 <= metrics["test/acc"] <= 1.0

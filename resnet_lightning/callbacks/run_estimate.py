@@ -98,6 +98,8 @@ class RunTimeEstimate(L.Callback):
         epoch_steps = trainer.global_step - self._epoch_start_step
         remaining = _remaining_steps(trainer)
         budget = find_time_budget(trainer)
+        if budget is not None and budget.position >= 1.0:
+            return  # the budget ended training within this epoch
         if budget is not None and epoch_steps > 0:
             left = budget.training_seconds_left()
             log.info(
