@@ -15,7 +15,7 @@ import pytest
 from resnet_lightning.callbacks import time_budget
 from resnet_lightning.training import train as train_module
 from tests.budget_clock import FakeClock, StepSeconds
-from tests.cli_harness import TINY, cli_env, run_cli, run_main, without_callbacks
+from tests.cli_harness import REPO, TINY, cli_env, run_cli, run_main, without_callbacks
 
 LR = 0.1
 
@@ -164,11 +164,11 @@ def test_a_real_budget_holds_for_the_whole_command(tmp_path, data_overrides):
 @pytest.mark.slow
 def test_a_run_stopped_mid_budget_resumes_the_same_budget(tmp_path, data_overrides):
     run_dir = tmp_path / "run"
-    args = [*REAL_BUDGET, *data_overrides, "budget=80s", f"hydra.run.dir={run_dir}"]
+    args = [*REAL_BUDGET, *data_overrides, "budget=120s", f"hydra.run.dir={run_dir}"]
     command = [sys.executable, "-m", "resnet_lightning", *args]
     start = time.perf_counter()
     first = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE)
-    time.sleep(35)
+    time.sleep(45)
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
     first_wall = time.perf_counter() - start
@@ -178,9 +178,9 @@ def test_a_run_stopped_mid_budget_resumes_the_same_budget(tmp_path, data_overrid
     second_wall = time.perf_counter() - start
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # The two processes together took the budget (the gap between them is not counted).
-    assert first_wall + second_wall <= 80 * 1.05
+    assert first_wall + second_wall <= 120 * 1.05
     assert metrics["budget_used_s"] == pytest.approx(first_wall + second_wall, abs=4)
-    assert metrics["budget_used_s"] <= 80 * 1.05
+    assert metrics["budget_used_s"] <= 120 * 1.05
 
 
 @pytest.mark.slow
@@ -195,7 +195,7 @@ def test_ddp_ranks_stop_at_the_same_step(tmp_path, data_overrides):
         f"+callbacks.final_step.directory={run_dir}",
         f"hydra.run.dir={run_dir}",
     ]
-    run_cli(args, tmp_path)
+    run_cli(args, REPO)  # the ranks import the test callback from tests/
     steps = {path.name: json.loads(path.read_text()) for path in run_dir.glob("final_step_*")}
     assert set(steps) == {"final_step_0.json", "final_step_1.json"}
     assert steps["final_step_0.json"] == steps["final_step_1.json"]

@@ -248,7 +248,7 @@ class ImageClassifier(L.LightningModule):
             group["lr"] *= scale
             if decay not in (0.0, 1.0):  # 0 is set above, 1 is the optimizer's own
                 group["weight_decay"] *= decay
-        budget = find_time_budget(self.trainer)
+        budget = find_time_budget(self._trainer)  # None too when no Trainer is attached
         if budget is not None:  # the schedule runs on the budget's position instead of steps
             budget.schedule = self._position_schedule(optimizer)
             return optimizer
