@@ -11,7 +11,7 @@ import time
 import lightning as L
 import torch
 
-from .time_budget import find_time_budget
+from .time_budget import duration, find_time_budget
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +135,3 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":  # the steps are queued: time them when they have run
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def duration(seconds: float) -> str:
-    """'2 d 3 h', '3 h 12 min', '4 min 05 s', '12 s'."""
-    seconds = round(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"

@@ -149,7 +149,7 @@ class TimeBudget(L.Callback):
             log.info(
                 "Time budget %s for the whole command: %.0f s used by start-up, %.0f s kept "
                 "for the final evaluation, %.0f s to train%s",
-                _minutes(self.budget_s),
+                duration(self.budget_s),
                 used,
                 reserve,
                 self.budget_s - reserve - used,
@@ -180,7 +180,6 @@ class TimeBudget(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "budget_s": self.budget_s,
             "used_s": self.used_s(),
             "train_start_s": self.train_start_s,
         }
@@ -281,9 +280,19 @@ def _batches(loader: Any, limit: int | float | None) -> int:
     return math.ceil(count * float(1.0 if limit is None else limit))
 
 
-def _minutes(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+def duration(seconds: float) -> str:
+    """'2 d 3 h', '3 h 12 min', '4 min 05 s', '12 s'."""
+    seconds = round(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
 
 
 def _limits_line(trainer: L.Trainer) -> str:

@@ -38,9 +38,6 @@ class PositionSchedule:
         self.lr_factors, self.momenta = lr_factors, momenta
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
-    def factor_at(self, position: float) -> float:
-        return float(self.lr_factors[self._index(position)])
-
     def apply(self, position: float) -> None:
         index = self._index(position)
         factor = float(self.lr_factors[index])
