@@ -136,7 +136,6 @@ def test_entry_points_are_thin():
         ),
         pytest.param(["resnet_lightning.bench", "--help"], "--sections", marks=pytest.mark.slow),
         pytest.param(["resnet_lightning.export", "--help"], "format=onnx", marks=pytest.mark.slow),
-        pytest.param(["resnet_lightning.dashboard", "--help"], "--port", marks=pytest.mark.slow),
         # The model zoo's table, a row per model as it is counted.
         pytest.param(
             ["resnet_lightning.models"],

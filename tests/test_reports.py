@@ -227,11 +227,11 @@ def test_summary_of_a_sweep_with_an_optuna_study_draws_its_history_and_importanc
     optuna.create_study(storage=storage, study_name="another")
     study = optuna.create_study(storage=storage, study_name="degradation", direction="maximize")
     study.set_metric_names(["val/acc"])
-    models = optuna.distributions.CategoricalDistribution(DEGRADATION_MODELS)
+    space = {"model": optuna.distributions.CategoricalDistribution(DEGRADATION_MODELS)}
     runs = find_runs(swept)
     for run in runs:
-        trial = study.ask({"model": models})
-        study.tell(trial, run.metrics["val/acc"])
+        params, value = {"model": run.model}, run.metrics["val/acc"]
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
     results = {"storage": str(journal), "study_name": "degradation"}
     (swept / "optimization_results.yaml").write_text(yaml.safe_dump(results))
 

@@ -39,6 +39,8 @@ def serve(location: str, host: str, port: int) -> None:
         from optuna_dashboard import run_server
     except ImportError as err:
         raise UsageError(f"{err}; install it with: pip install -e '.[sweep]'") from err
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a TCP port; pass one from 1 to 65535")
     study = locate_study(location)
     storage = open_storage(study.storage)
     names = ", ".join(s.study_name for s in storage.get_all_studies()) or "none yet"

@@ -124,7 +124,8 @@ def hydra_job() -> Iterator[None]:
         *hydra.overrides.task,
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
         # This job alone, even where a config the overrides select sets MULTIRUN: a rank
-        # that swept would wait for a rank 0 that never comes, forever.
+        # would otherwise run a sweep of its own, in a directory of its own (and a search's
+        # second trial would wait for a rank 0 that never comes, forever).
         "hydra.mode=RUN",
         *QUIET_RANK_OVERRIDES,
     ]
