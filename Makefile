@@ -13,7 +13,7 @@ ifneq ($(wildcard $(SHARED_CIFAR)),)
 export CIFAR10_PATH ?= $(SHARED_CIFAR)
 endif
 
-.PHONY: install train test test-all lint bench tensorboard clean
+.PHONY: install train test test-all lint bench tensorboard dashboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: install
 
 tensorboard: install
 	$(PY) -m tensorboard.main --logdir outputs $(ARGS)
+
+# optuna-dashboard over a sweep's study: ARGS="outputs/multirun/<date>_optuna" (or a storage
+# URL or journal file; --port, --host)
+dashboard: install
+	$(PY) -m resnet_lightning.dashboard $(ARGS)
 
 clean:
 	rm -rf outputs/* .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -114,6 +115,13 @@ def run_cli(
             f"\nSTDERR:\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def free_port() -> int:
+    """A TCP port of localhost that no one listens on (a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:

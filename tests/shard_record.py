@@ -1,4 +1,5 @@
-"""A callback for the distributed tests: each rank writes the training files of its shard."""
+"""Callbacks for the distributed tests: each rank writes the training files of its shard, or
+the Hydra job it runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from torch.utils.data import DistributedSampler, Subset
 
 
@@ -28,3 +30,14 @@ class RecordShard(L.Callback):
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordRank(L.Callback):
+    """Writes `<its job's directory>/rank<global rank>.json`: the overrides (a sweep's values
+    among them) and the directory of the Hydra job this rank runs."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        hydra = HydraConfig.get()
+        record = {"overrides": list(hydra.overrides.task), "output_dir": hydra.runtime.output_dir}
+        path = Path(hydra.runtime.output_dir) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))

@@ -1,4 +1,5 @@
-"""DDP on the CPU (two gloo processes): inside a Hydra multirun, and as two torchrun "nodes".
+"""DDP on the CPU (two gloo processes): inside a Hydra multirun (by `-m`, or by a config that
+sets `hydra.mode: MULTIRUN`), and as two torchrun "nodes".
 
 One multirun of two DDP jobs serves several tests: that each job is a complete DDP run written
 by rank 0 alone, that the sweep holds exactly its two jobs, and that the test metrics are
@@ -7,16 +8,19 @@ gathered from both ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from resnet_lightning.tools.evaluate import evaluate
-from tests.cli_harness import REPO, TINY, cli_env, run_cli, without_callbacks
+from tests.cli_harness import REPO, TINY, cli_env, free_port, run_cli, without_callbacks
 
 # Each test starts several processes: make test-all runs them.
 pytestmark = pytest.mark.slow
@@ -85,10 +89,85 @@ def test_ddp_test_metrics_cover_both_ranks(ddp_sweep):
     assert alone["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# Sweeps that are multiruns by their config, with no `-m`, cut to two jobs. Their configs stay
+# selected in each job's overrides, which the ranks Lightning starts are given.
+CONFIGURED_SWEEPS = {
+    "degradation": ["experiment=degradation", "hydra.sweeper.params.model='resnet20,plain20'"],
+}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The processes whose command line holds `text` (Linux's /proc)."""
+    found = []
+    for cmdline in os.scandir("/proc"):
+        if cmdline.name.isdigit() and int(cmdline.name) != os.getpid():
+            try:
+                with open(f"/proc/{cmdline.name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(cmdline.name))
+            except OSError:  # it ended meanwhile
+                pass
+    return found
+
+
+@pytest.mark.parametrize("search", CONFIGURED_SWEEPS)
+def test_ddp_jobs_of_a_configured_sweep_run_their_trial_and_leave_nothing(
+    search, tmp_path, data_overrides
+):
+    # Started in an empty folder, in a session of its own: a rank that swept by itself would
+    # write there, and whatever is left of the command can be found and ended.
+    sweep = tmp_path / "sweep"
+    record = "+callbacks.rank_record._target_=tests.shard_record.RecordRank"
+    args = [*CONFIGURED_SWEEPS[search], *DDP, *data_overrides, record, f"hydra.sweep.dir={sweep}"]
+    # The ranks start in that folder too: the recording callback is imported from the repository.
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**cli_env(), "PYTHONPATH": python_path}
+    with open(tmp_path / "output.txt", "w+") as output:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "resnet_lightning", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = command.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            code = "none: it had not returned after 300 s"
+        try:
+            # A finished rank may take a moment to exit; one that swept waits forever.
+            for _ in range(30):
+                if not (left := processes_mentioning(str(sweep))):
+                    break
+                time.sleep(1)
+        finally:
+            for pid in processes_mentioning(str(sweep)):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # the rest of its session
+                os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+        output.seek(0)
+        log = output.read()[-3000:]
+    assert code == 0, log
+    assert not left, f"processes of the sweep left running: {left}"
+    # Nothing written outside the sweep, as a rank that swept by itself would. (Composing a
+    # config that sets hydra.sweep.dir leaves an empty outputs/multirun/<time>/: OmegaConf's
+    # merge resolves the unique_dir it replaces. Another matter.)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and sweep not in p.parents]
+    assert written == [tmp_path / "output.txt"]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    swept = set()
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["steps"] == 2
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        # Rank 1 ran this job: the same overrides (the sweep's values) in the same directory.
+        for rank in (0, 1):
+            ranked = json.loads((job / f"rank{rank}.json").read_text())
+            assert ranked == {"overrides": overrides, "output_dir": str(job)}
+        swept.add(tuple(o for o in overrides if o not in args))
+    assert len(swept) == 2  # each job its own values
 
 
 def torchrun_two_nodes(args: list[str]) -> list[str]:

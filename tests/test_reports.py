@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +29,7 @@ from resnet_lightning.models.complexity import count_macs, count_parameters, par
 from resnet_lightning.tools.report import compare
 from resnet_lightning.tools.report.cli import main as report_main
 from resnet_lightning.tools.report.runs import find_runs
+from resnet_lightning.tools.report.study_figures import study_sections
 from resnet_lightning.tools.report.summary import plot_validation_curves, time_to_accuracy_section
 from tests.cli_harness import REPO, TINY, run_cli, without_callbacks
 
@@ -205,6 +208,65 @@ def test_summary_is_a_sorted_table_and_a_plot(sweep, tmp_path, capsys):
     (ax,) = plot_validation_curves(find_runs(sweep)).axes
     assert len(ax.lines) == 4 and all(len(line.get_xdata()) == 2 for line in ax.lines)
     assert {line.get_marker() for line in ax.lines} == {"o"}
+
+
+def test_summary_of_a_sweep_with_an_optuna_study_draws_its_history_and_importances(
+    sweep, tmp_path, capsys
+):
+    optuna = pytest.importorskip("optuna", reason="pip install -e '.[sweep]'")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    # The sweep's jobs as the trials of a study, in a journal that the sweep's
+    # optimization_results.yaml names, beside another study.
+    swept = tmp_path / "sweep"
+    shutil.copytree(sweep, swept, ignore=shutil.ignore_patterns("checkpoints", "summary*"))
+    journal = tmp_path / "studies" / "journal.log"
+    journal.parent.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    optuna.create_study(storage=storage, study_name="another")
+    study = optuna.create_study(storage=storage, study_name="degradation", direction="maximize")
+    study.set_metric_names(["val/acc"])
+    space = {"model": optuna.distributions.CategoricalDistribution(DEGRADATION_MODELS)}
+    runs = find_runs(swept)
+    for run in runs:
+        params, value = {"model": run.model}, run.metrics["val/acc"]
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    results = {"storage": str(journal), "study_name": "degradation"}
+    (swept / "optimization_results.yaml").write_text(yaml.safe_dump(results))
+
+    out = tmp_path / "report"
+    assert report_main([str(swept), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[3:] == [
+        str(out / f"summary_{name}.{ext}")
+        for name in ("optimization_history", "param_importances")
+        for ext in ("csv", "png")
+    ]
+    history = read_csv(out / "summary_optimization_history.csv")
+    values = [run.metrics["val/acc"] for run in runs]
+    assert [float(row["value"]) for row in history] == values
+    assert [float(row["best so far"]) for row in history] == list(itertools.accumulate(values, max))
+    assert [row["model"] for row in history] == [run.model for run in runs]
+    # One parameter: it explains everything.
+    assert read_csv(out / "summary_param_importances.csv") == [
+        {"parameter": "model", "importance": "1.0"}
+    ]
+    for name in ("optimization_history", "param_importances"):
+        assert_png((out / f"summary_{name}.png").read_bytes())
+        assert f"](summary_{name}.png)" in (out / "summary.md").read_text()
+    # Optuna's figure draws the trials' values, and leaves later figures their own style.
+    (history_section, _), _ = study_sections(swept)
+    points = history_section.figure.axes[0].collections[0].get_offsets()
+    assert [float(y) for y in points[:, 1]] == values
+    assert plot_validation_curves(runs).axes[0].get_facecolor() == (1.0, 1.0, 1.0, 1.0)
+
+    # A study the report cannot open is a note, not a failed summary.
+    journal.unlink()
+    assert report_main([str(swept), "--out", str(tmp_path / "gone")]) == 0
+    summary = (tmp_path / "gone" / "summary.md").read_text()
+    assert f"The Optuna study is not drawn: no study journal at {journal}" in summary
+    assert not list((tmp_path / "gone").glob("summary_param*"))
 
 
 @pytest.mark.slow  # make test-all

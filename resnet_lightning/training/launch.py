@@ -3,8 +3,11 @@
 Why this exists: Lightning's DDP launcher starts ranks > 0 by re-running the parent's command
 line (`sys.argv`) with LOCAL_RANK set. Under `python -m resnet_lightning -m ...` that command
 line is the whole sweep, so every rank would start the sweep again, in a new sweep directory
-(Lightning issue #11300). So each Hydra job publishes its own command line (its overrides and
-its directory) in an environment variable, and a rank started by Lightning runs that job alone.
+(Lightning issue #11300). So each Hydra job publishes its own command line (its overrides, the
+sweeper's values among them, and its directory) in an environment variable, and a rank started
+by Lightning runs that job alone. The job's overrides still select a config that makes the
+command a sweep by itself (`hydra.mode: MULTIRUN`: experiment=degradation,
+hparams_search=optuna), so that command line also says `hydra.mode=RUN`.
 torchrun and SLURM start every rank themselves; there ranks > 0 write no `.hydra/` and no log
 file, rank 0 writes the run's outputs.
 
@@ -120,6 +123,10 @@ def hydra_job() -> Iterator[None]:
         f"--config-name={hydra.job.config_name}",
         *hydra.overrides.task,
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
+        # This job alone, even where a config the overrides select sets MULTIRUN: a rank
+        # would otherwise run a sweep of its own, in a directory of its own (and a search's
+        # second trial would wait for a rank 0 that never comes, forever).
+        "hydra.mode=RUN",
         *QUIET_RANK_OVERRIDES,
     ]
     if launched_rank() > 0:

@@ -1,5 +1,6 @@
 """A sweep at a glance: one row per job, best first, and every job's validation curve; for a
-sweep of time budgets also test accuracy against the budget, over seeds.
+sweep of time budgets also test accuracy against the budget, over seeds; for a sweep with an
+Optuna study also its optimization history and parameter importances.
 
 python -m resnet_lightning.report outputs/multirun/<date>   # summary is the default
 """
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 
 from .output import Section, percent, thousands, write_report
 from .runs import Run, find_runs, read_scalars, varying_overrides
+from .study_figures import study_sections
 
 METRICS = ("test/acc", "test/acc_top5", "val/acc", "params", "wall_time_s")
 FORMATS = {
@@ -198,7 +200,8 @@ def time_to_accuracy_section(runs: list[Run]) -> Section:
 
 def write_summary(directory: str | Path, out: Path | None = None) -> list[Path]:
     """summary.md, summary.csv and summary_val_acc.png in `out` (default: the sweep's folder);
-    for jobs with a time budget also summary_time_to_accuracy.csv and .png."""
+    for jobs with a time budget also summary_time_to_accuracy.csv and .png; for a sweep with an
+    Optuna study also summary_optimization_history and summary_param_importances (.csv, .png)."""
     directory = Path(directory)
     out = directory if out is None else out
     runs = find_runs(directory)
@@ -220,6 +223,9 @@ def write_summary(directory: str | Path, out: Path | None = None) -> list[Path]:
     notes = ""
     if unfinished:
         notes = f"No metrics.json (failed or still running): {', '.join(unfinished)}."
+    study, study_note = study_sections(directory)
+    sections += study
+    notes = "\n\n".join(note for note in (notes, study_note) if note)
     figure = plot_validation_curves(runs)
     title, caption = f"Sweep summary: {directory}", "validation accuracy"
     return write_report(
