@@ -16,9 +16,18 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from resnet_lightning.data import CifarDataModule, load_cifar10
+from resnet_lightning.data import NORMALIZATION, CifarDataModule, load_cifar10
+from resnet_lightning.data.datamodule import PIPELINES
 from resnet_lightning.errors import DataError
-from tests.cli_harness import REPO, SHARED_CIFAR, cli_env, make_datamodule, make_image_archive
+from resnet_lightning.training.config import instantiate_group
+from tests.cli_harness import (
+    REPO,
+    SHARED_CIFAR,
+    cli_env,
+    compose_config,
+    make_datamodule,
+    make_image_archive,
+)
 
 
 def test_archive_decodes_to_cifar_shapes(data_root, cifar_archive):
@@ -150,6 +159,42 @@ def test_batches_are_normalized_and_resized(data_root, cifar_archive):
     )
     images, _ = next(iter(big.train_dataloader()))
     assert images.shape == (4, 3, 224, 224)
+
+
+def channel_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of each channel of (N, C, H, W) images, over every
+    pixel of every image."""
+    pixels = images.transpose(0, 1).flatten(1).double()
+    return pixels.mean(1), pixels.std(1)
+
+
+def agree(constants: tuple[tuple[float, ...], tuple[float, ...]], mean, std) -> bool:
+    """Whether normalisation constants (mean, std) are within 0.01 of measured ones."""
+    given = torch.tensor(constants, dtype=torch.float64)
+    return bool(((given - torch.stack([mean, std])).abs() < 0.01).all())
+
+
+def test_the_loaders_normalise_with_cifar10s_own_statistics(data_overrides, cifar_archive):
+    if cifar_archive != SHARED_CIFAR:
+        pytest.skip("the real CIFAR-10 is not beside the checkout")
+    # One batch of the 5,000 held-out training images, un-augmented.
+    overrides = [*data_overrides, "data.num_workers=0", "data.batch_size=5000"]
+    for pipeline in PIPELINES:
+        cfg = compose_config([*overrides, f"data.pipeline={pipeline}"])
+        datamodule = instantiate_group(cfg, "data")
+        datamodule.setup()
+        images, _ = next(iter(datamodule.val_dataloader()))
+        held_out = datamodule.arrays.train_images[datamodule.val_index]
+        pixels = held_out.permute(0, 3, 1, 2).float() / 255
+        mean, std = channel_statistics(pixels)
+        constants = NORMALIZATION[cfg.data.normalization]
+        assert agree(constants, mean, std), (constants, mean, std)
+        assert not agree(NORMALIZATION["imagenet"], mean, std)  # the check can tell them apart
+        # The loader applies exactly those constants.
+        expected = (pixels - torch.tensor(constants[0])[:, None, None]) / torch.tensor(
+            constants[1]
+        )[:, None, None]
+        torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
 
 
 def test_train_augmentation_changes_images_eval_does_not(data_root, cifar_archive):

@@ -142,26 +142,6 @@ def test_divergence_before_an_early_stop_still_fails_the_run(tmp_path):
         trainer.fit(classifier(), train_dataloaders=loader)
 
 
-def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
-    module = classifier(
-        scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[2], gamma=0.1),
-        warmup_epochs=1,
-        warmup_start_factor=0.1,
-    )
-    seen = []
-
-    class RecordLr(L.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    fit_on_random_images(
-        module, batch_size=4, max_epochs=3, callbacks=[RecordLr()]
-    )  # 4 steps/epoch
-    # 0.01 -> 0.1 over the first epoch's 4 steps, the full 0.1 in epoch 2, x0.1 from epoch 3.
-    expected = [0.01, 0.0325, 0.055, 0.0775, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
-    assert seen == pytest.approx(expected)
-
-
 def test_warmup_before_onecycle_is_refused():
     with pytest.raises(InvalidArgument, match="warmup_epochs=1.*pct_start"):
         classifier(

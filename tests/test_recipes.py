@@ -1,6 +1,6 @@
 """Training tools of the modern recipes, through the real CLI on real CIFAR-10 images: the
 exponential moving average of the weights (`callbacks=ema`). The warm-up's schedule is checked
-in test_module.py."""
+in test_schedules.py."""
 
 from __future__ import annotations
 

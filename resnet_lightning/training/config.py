@@ -196,6 +196,18 @@ def instantiate_group(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise  # a failure inside a constructor: a bug, keep the traceback
 
 
+def build_module(cfg: DictConfig, net: torch.nn.Module) -> Any:
+    """The run's LightningModule (`module`) around `net`, with the optimizer and scheduler
+    factories of `optimizer` and `scheduler` (none for `scheduler: null`)."""
+    return instantiate_group(
+        cfg,
+        "module",
+        net=net,
+        optimizer=instantiate_group(cfg, "optimizer"),
+        scheduler=instantiate_group(cfg, "scheduler") if cfg.scheduler else None,
+    )
+
+
 def trusted_saved_config(cfg: DictConfig, source: str) -> DictConfig:
     """A config read from a file (a checkpoint's, a run directory's), resolved, with moved
     `_target_`s renamed, and refused unless every `_target_` in it is one a run of this

@@ -44,6 +44,7 @@ from resnet_lightning.errors import (
 )
 from resnet_lightning.training.config import (
     CONFIG_DIR,
+    build_module,
     check_config,
     check_targets,
     instantiate_group,
@@ -89,13 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate_group(cfg, "data")
     log.info("Instantiating model <%s> (%s)", cfg.model._target_, cfg.model.name)
     net = instantiate_group(cfg, "model")
-    module = instantiate_group(
-        cfg,
-        "module",
-        net=net,
-        optimizer=instantiate_group(cfg, "optimizer"),
-        scheduler=instantiate_group(cfg, "scheduler") if cfg.scheduler else None,
-    )
+    module = build_module(cfg, net)
     # The model summary counts FLOPs on it (without one it prints "Total FLOPs: 0").
     size = int(cfg.data.image_size)
     module.example_input_array = torch.zeros(1, 3, size, size)
