@@ -1,26 +1,34 @@
 """DDP on the CPU (two gloo processes): inside a Hydra multirun (by `-m`, or by a config that
-sets `hydra.mode: MULTIRUN`), and as two torchrun "nodes".
+sets `hydra.mode: MULTIRUN`), as two torchrun "nodes", under ddp_spawn and ddp_fork with every
+logger, and stopped by signals.
 
 One multirun of two DDP jobs serves several tests: that each job is a complete DDP run written
 by rank 0 alone, that the sweep holds exactly its two jobs, and that the test metrics are
-gathered from both ranks.
+gathered from both ranks. One uninterrupted run is the reference of the signal tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from resnet_lightning.tools.evaluate import evaluate
 from tests.cli_harness import REPO, TINY, cli_env, free_port, run_cli, without_callbacks
+from tests.test_loggers import mlflow_overrides, offline_wandb, the_mlflow_run
+from tests.test_resume_eval import read_metrics, weights
+from tests.test_train_cli import scalar_tags
 
 # Each test starts several processes: make test-all runs them.
 pytestmark = pytest.mark.slow
@@ -217,14 +225,19 @@ def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
-def test_spawned_ranks_train_test_and_report_like_ddp(
-    strategy, ddp_sweep, tmp_path, data_overrides
+def test_spawned_ranks_train_test_and_report_like_ddp_to_every_logger(
+    strategy, ddp_sweep, tmp_path, data_overrides, monkeypatch
 ):
-    # ddp_spawn/ddp_fork start the ranks as worker processes and hand rank 0's weights back
-    # through the checkpoint plugin; the loop counters and best score come back too.
+    # ddp_spawn/ddp_fork start the ranks as worker processes, for trainer.fit and again for
+    # trainer.test, and hand rank 0's weights back through the checkpoint plugin; the loop
+    # counters and best score come back too. Each logger gets the fit's metrics and the test's.
     run_dir, temp = tmp_path / "run", tmp_path / "tmp"
     temp.mkdir()
+    loggers = ["csv", "tensorboard", *(n for n in ("mlflow", "wandb") if find_spec(n))]
+    uri, mlflow_store = mlflow_overrides(tmp_path)
+    offline_wandb(monkeypatch, tmp_path)
     args = [*DDP, "model=resnet20", f"trainer.strategy={strategy}", *data_overrides]
+    args += [f"logger=[{','.join(loggers)}]", *mlflow_store]
     result = subprocess.run(
         [sys.executable, "-m", "resnet_lightning", *args, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
@@ -234,13 +247,31 @@ def test_spawned_ranks_train_test_and_report_like_ddp(
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {p.name for p in run_dir.iterdir()} == JOB_FILES
+    assert {p.name for p in run_dir.iterdir()} == JOB_FILES | {"csv"} | {"wandb"} & {*loggers}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     launched = json.loads((ddp_sweep[0] / "sweep" / "0" / "metrics.json").read_text())
     assert (metrics["epochs"], metrics["steps"]) == (1, 2)
     assert metrics["val/acc"] == launched["val/acc"]  # the best checkpoint's score
     assert metrics["test/loss"] == pytest.approx(launched["test/loss"], rel=1e-3)
     assert not list(temp.rglob("*.ckpt"))  # the weights handed back are not left behind
+
+    fit, test = {"train/loss", "train/loss_epoch", "val/acc"}, {"test/acc", "test/loss"}
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert fit | test <= rows[0].keys() and any(row["train/loss_epoch"] for row in rows)
+    tested = float(next(r for r in rows if r["test/loss"])["test/loss"])
+    assert tested == pytest.approx(metrics["test/loss"])
+    assert {"train/loss", "val/acc", "test/acc"} <= scalar_tags(run_dir)
+    if "mlflow" in loggers:  # one MLflow run, logged to by the fit's and the test's ranks
+        client, run = the_mlflow_run(uri)
+        assert run.info.status == "FINISHED" and fit | test <= run.data.metrics.keys()
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == [0, 1]
+        assert run.data.metrics["test/loss"] == pytest.approx(metrics["test/loss"])
+    if "wandb" in loggers:  # one offline W&B run, holding both
+        (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+        (records,) = offline_run.glob("run-*.wandb")
+        assert all(key.encode() in records.read_bytes() for key in fit | test)
 
 
 def photo_shard_args(photos, tmp_path) -> list[str]:
@@ -286,3 +317,82 @@ def test_torchrun_nodes_read_disjoint_shards_of_an_image_folder(photos, tmp_path
     args = [*photo_shard_args(photos, tmp_path), "trainer=ddp_cpu", "trainer.num_nodes=2"]
     torchrun_two_nodes([*args, "trainer.devices=1", f"hydra.run.dir={tmp_path / 'run'}"])
     assert_disjoint_shards(tmp_path / "shards", photos)
+
+
+# Preemption: one epoch of four batches, deterministic; a signal while the second batch trains.
+PREEMPTED = [*DDP, "model=resnet20", "seed=0"]
+PREEMPTED += ["trainer.limit_train_batches=4", "trainer.deterministic=true"]
+PREEMPTED += ["trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1"]
+SIGNALLED_AT = 1  # the run stops after the batch of this step, with last.ckpt at the next one
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp_run(tmp_path_factory, data_root, cifar_archive):
+    run_dir = tmp_path_factory.mktemp("uninterrupted_ddp") / "run"
+    data = [f"data.root={data_root}", f"data.path={cifar_archive}"]
+    run_cli([*PREEMPTED, *data, f"hydra.run.dir={run_dir}"], cwd=REPO)
+    return run_dir
+
+
+def is_running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+@pytest.mark.parametrize(
+    ("signum", "rank"),
+    [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGTERM, 1)],
+    ids=["SIGTERM-launcher", "SIGINT-launcher", "SIGTERM-rank1"],
+)
+def test_signal_to_a_ddp_run_stops_every_rank_at_one_step_and_resumes_exactly(
+    signum, rank, uninterrupted_ddp_run, tmp_path, data_overrides
+):
+    run_dir, pause = tmp_path / "run", tmp_path / "pause"
+    pause_at = (
+        f"+callbacks.pause_at_step={{_target_:tests.pause_at_step.PauseAtStep,"
+        f"folder:'{pause}',step:{SIGNALLED_AT},rank:{rank}}}"
+    )
+    command = [sys.executable, "-m", "resnet_lightning", *PREEMPTED, *data_overrides, pause_at]
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe that nobody reads while it trains
+    with errors.open("w") as stderr:
+        launcher = subprocess.Popen(
+            [*command, f"hydra.run.dir={run_dir}"],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # its ranks and nothing else in one process group
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (pause / "paused").exists():  # rank `rank` waits before step 1's batch
+            assert launcher.poll() is None and time.monotonic() < deadline, "ended too soon"
+            time.sleep(0.05)
+        pids = [int((pause / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        assert pids[0] == launcher.pid  # Lightning's launcher: rank 0 is the launching process
+        os.kill(pids[rank], signum)
+        (pause / "go").touch()
+        launcher.wait(timeout=300)
+        assert launcher.returncode == 128 + signum, errors.read_text()[-3000:]
+        assert not any(is_running(pid) for pid in pids)  # the launcher waited for rank 1
+    finally:  # whatever a failure left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    said = errors.read_text().strip().splitlines()[-1]
+    name, step = signal.Signals(signum).name, SIGNALLED_AT + 1
+    assert said.startswith(f"error: stopped by {name} at step {step} (epoch 0); saved {last}")
+    assert torch.load(last, weights_only=True)["global_step"] == SIGNALLED_AT + 1
+    assert not (run_dir / "metrics.json").exists()
+
+    # The pause callback is a test's, not a trusted class: the resumed run goes without it.
+    run_cli(["resume=auto", f"hydra.run.dir={run_dir}", "+callbacks.pause_at_step=null"], REPO)
+    assert read_metrics(run_dir) == read_metrics(uninterrupted_ddp_run)
+    final, expected = weights(last), weights(uninterrupted_ddp_run / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)

@@ -1,14 +1,17 @@
 """The optional loggers through the real CLI: MLflow into a local SQLite store, read back with
-its own client; W&B offline, with nothing sent; several loggers at once; and the one-line error
-when a logger's package is missing."""
+its own client; W&B offline, with nothing sent; several loggers at once; the one-line error
+when a logger's package is missing; and a metrics.csv that another process appends to."""
 
 from __future__ import annotations
 
+import csv
 import json
+import pickle
 
 import pytest
 
-from tests.cli_harness import REPO, TINY, run_cli, run_main, without_callbacks
+from resnet_lightning.training.config import instantiate_group
+from tests.cli_harness import REPO, TINY, compose_config, run_cli, run_main, without_callbacks
 
 QUICK = [*TINY, "model=resnet20", "trainer.max_epochs=1", *without_callbacks("lr_monitor")]
 
@@ -75,15 +78,20 @@ def test_tensorboard_and_mlflow_together(tmp_path, data_overrides):
     assert "test/acc" in run.data.metrics and run.info.status == "FINISHED"
 
 
-@pytest.mark.slow  # make test-all
-def test_wandb_writes_an_offline_run_into_each_run_directory(tmp_path, data_overrides, monkeypatch):
-    pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
+def offline_wandb(monkeypatch, tmp_path) -> None:
+    """The environment of CLI runs that log to W&B offline, with nothing sent."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     # Online, it would need a key it does not have, and a server at a closed port.
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+
+
+@pytest.mark.slow  # make test-all
+def test_wandb_writes_an_offline_run_into_each_run_directory(tmp_path, data_overrides, monkeypatch):
+    pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
+    offline_wandb(monkeypatch, tmp_path)
     sweep_dir = tmp_path / "sweep"
     # Two jobs in one process: the second must start a W&B run of its own, not reuse the first.
     args = ["-m", "seed=1,2", *QUICK, *data_overrides, "logger=wandb"]
@@ -117,3 +125,26 @@ def test_a_missing_logger_package_names_its_extra(
         f"error: logger.{logger} ({name}) needs a package that is not installed; "
         f"pip install -e '.[{logger}]'"
     )
+
+
+def test_csv_metrics_keep_the_fit_columns_when_another_process_appends_the_test(tmp_path):
+    # What ddp_spawn and ddp_fork do: the logger set up in the main process (hparams.yaml) is
+    # copied into the fit's processes, and the same main-process logger into the test's.
+    cfg = compose_config(["logger=csv", f"paths.output_dir={tmp_path}"])
+    main = instantiate_group(cfg, "logger.csv")
+    main.log_hyperparams({"seed": 0})
+    fit = pickle.loads(pickle.dumps(main))
+    fit.log_metrics({"train/loss": 2.3, "epoch": 0}, step=0)
+    fit.log_metrics({"val/acc": 0.1, "epoch": 0}, step=1)
+    fit.save()
+    test = pickle.loads(pickle.dumps(main))
+    test.log_metrics({"test/acc": 0.2, "epoch": 0}, step=2)
+    test.save()
+
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["step"], r["train/loss"], r["val/acc"], r["test/acc"]) for r in rows] == [
+        ("0", "2.3", "", ""),
+        ("1", "", "0.1", ""),
+        ("2", "", "", "0.2"),
+    ]

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class ReseedEachEpoch(L.Callback):
@@ -21,9 +22,10 @@ class ReseedEachEpoch(L.Callback):
     states saved in the checkpoint. Random crops and flips in the main process
     (`data.num_workers=0`) then repeat exactly after a resume; worker processes are seeded from
     the loader's own generator, so with workers the batches hold the same images after a
-    resume but their augmentation differs. Under DDP a checkpoint holds rank 0's states only:
-    a mid-epoch resume reseeds every rank from (seed, epoch, step, rank) instead, so each rank
-    still draws its own numbers, though not those of the uninterrupted run.
+    resume but their augmentation differs. Under DDP the checkpoint holds every rank's states
+    (gathered when it is written, which Lightning does on all ranks), and each rank takes its
+    own back; resumed on another number of processes, each rank is reseeded from (seed,
+    epoch, rank, step) instead, drawing its own numbers, though not an uninterrupted run's.
     """
 
     def __init__(self, seed: int):
@@ -34,15 +36,11 @@ class ReseedEachEpoch(L.Callback):
         _seed_all(self.seed, trainer.current_epoch, trainer.global_rank)
 
     def state_dict(self) -> dict[str, Any]:
-        kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
-        state = {
-            "torch": torch.get_rng_state(),
-            # Tensors and plain numbers: checkpoints are loaded with weights_only=True.
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-            "random": random.getstate(),
-        }
-        if torch.cuda.is_available():  # the training device's (one per process)
-            state["cuda"] = torch.cuda.get_rng_state()
+        state = _generator_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, state)
+            return {"ranks": ranks}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -54,15 +52,30 @@ class ReseedEachEpoch(L.Callback):
         if self._restored is None:
             return
         state, self._restored = self._restored, None
-        if trainer.world_size > 1:
+        ranks = state.get("ranks", [state])
+        if len(ranks) != trainer.world_size:  # saved by another number of processes
             _seed_all(self.seed, trainer.current_epoch, trainer.global_rank, trainer.global_step)
             return
+        state = ranks[trainer.global_rank]
         torch.set_rng_state(state["torch"])
         kind, keys, position, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         random.setstate(_as_tuples(state["random"]))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
+
+
+def _generator_states() -> dict[str, Any]:
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        # Tensors and plain numbers: checkpoints are loaded with weights_only=True.
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available():  # the training device's (one per process)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _seed_all(*entropy: int) -> None:
