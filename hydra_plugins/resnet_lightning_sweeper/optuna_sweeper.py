@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 @dataclass
 class OptunaSweeperConf:
-    """`hydra.sweeper.*`; docs/experiments.md#hyperparameter-search-optuna-and-parallel-jobs says what each does."""
+    """`hydra.sweeper.*`; docs/experiments.md ("Hyperparameter search (Optuna) and parallel
+    jobs") says what each does."""
 
     _target_: str = "hydra_plugins.resnet_lightning_sweeper.optuna_sweeper.OptunaSweeper"
     # The sampler and pruner are made by the sweep, which names a bad `_target_` in one line.
