@@ -23,7 +23,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
@@ -458,7 +458,9 @@ def tell(study: optuna.Study, trial: optuna.trial.Trial, job: JobReturn) -> Tria
         study.tell(trial, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s", trial.number, one_line(err))
         return TrialState.FAIL
-    if job.status == JobStatus.COMPLETED and PRUNED_AFTER_EPOCH in trial.user_attrs:
+    # The job marked its trial in the storage (Trial.user_attrs is this process's copy).
+    (stored,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
+    if PRUNED_AFTER_EPOCH in stored.user_attrs:
         return study.tell(trial, state=TrialState.PRUNED).state
     # Optuna logs the outcome; a NaN value is recorded as a failure.
     return study.tell(trial, value).state
