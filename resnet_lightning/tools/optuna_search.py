@@ -132,7 +132,7 @@ class OptunaSearch:
         sampler = make_optuna_object("sampler", self.sampler_conf, optuna.samplers.BaseSampler)
         pruner = make_optuna_object("pruner", self.pruner_conf, optuna.pruners.BasePruner)
         self.check_composes(space, fixed)
-        # Optuna's lines (a trial finished, pruned, failed) go where the sweep's own go.
+        # Optuna's own lines (a study created or loaded, warnings) go where the sweep's go.
         optuna.logging.disable_default_handler()
         optuna.logging.enable_propagation()
         sampler = sampler or optuna.samplers.TPESampler()
@@ -451,7 +451,8 @@ def counted_trials(study: optuna.Study) -> int:
 
 
 def tell(study: optuna.Study, trial: optuna.trial.Trial, job: JobReturn) -> TrialState:
-    """Record a finished job's outcome in its trial: its value(s), pruned, or failed."""
+    """Record a finished job's outcome in its trial (its value(s), pruned, or failed), and log
+    it in one line."""
     try:
         value = job.return_value
     except Exception as err:
@@ -461,9 +462,23 @@ def tell(study: optuna.Study, trial: optuna.trial.Trial, job: JobReturn) -> Tria
     # The job marked its trial in the storage (Trial.user_attrs is this process's copy).
     (stored,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
     if PRUNED_AFTER_EPOCH in stored.user_attrs:
-        return study.tell(trial, state=TrialState.PRUNED).state
-    # Optuna logs the outcome; a NaN value is recorded as a failure.
-    return study.tell(trial, value).state
+        study.tell(trial, state=TrialState.PRUNED)
+        epoch = stored.user_attrs[PRUNED_AFTER_EPOCH]
+        log.info("Trial %d pruned after epoch %d", trial.number, epoch)
+        return TrialState.PRUNED
+    state = study.tell(trial, value).state  # a NaN value is recorded as a failure
+    if state == TrialState.COMPLETE:
+        log.info("Trial %d finished with value %s; %s", trial.number, value, best_so_far(study))
+    else:
+        log.warning("Trial %d failed: its value is %s", trial.number, value)
+    return state
+
+
+def best_so_far(study: optuna.Study) -> str:
+    if len(study.directions) > 1:
+        return f"{len(study.best_trials)} trial(s) on the Pareto front"
+    best = study.best_trial
+    return f"best so far: trial {best.number}, {best.value}"
 
 
 def write_results(study: optuna.Study, url: str, path: Path) -> None:
