@@ -50,9 +50,9 @@ bench: install
 
 # The same 16-trial Optuna search without and with Hyperband pruning, on the same seeds; each
 # in a sweep directory of its own, its seconds printed (docs/experiments.md, "Pruning with
-# Hyperband"). About 20-40 s a trial on a 2-core CPU.
+# Hyperband").
 HYPERBAND_SEARCH := hparams_search=optuna model=resnet20 trainer=cpu trainer.max_epochs=9 \
-	trainer.limit_train_batches=8 trainer.limit_val_batches=5 trainer.limit_test_batches=10 \
+	trainer.limit_train_batches=4 trainer.limit_val_batches=4 trainer.limit_test_batches=10 \
 	data.batch_size=128 seed=0 hydra.sweeper.sampler.seed=0 hydra.sweeper.n_trials=16
 
 sweep-hyperband: install
