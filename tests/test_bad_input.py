@@ -241,23 +241,77 @@ def test_pretrained_weights_offline_is_one_line(tmp_path, data_overrides, capfd,
 
 
 @pytest.mark.parametrize(
-    ("override", "plugin"),
+    ("override", "module", "expected"),
     [
-        ("hparams_search=optuna", "hydra_optuna_sweeper"),
-        ("hydra/launcher=parallel", "hydra_joblib_launcher"),
+        # The sweeper is this project's; Optuna is what the extra brings.
+        ("hparams_search=optuna", "optuna", "hparams_search=optuna needs Optuna"),
+        ("hydra/launcher=parallel", "hydra_plugins.hydra_joblib_launcher", "needs a Hydra plugin"),
     ],
 )
-def test_missing_sweep_plugin_names_the_install(override, plugin, tmp_path):
+def test_missing_sweep_package_names_the_install(override, module, expected, tmp_path):
     try:
-        installed = importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+        installed = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # no hydra_plugins package at all
         installed = False
     if installed:
-        pytest.skip(f"{plugin} is installed")
+        pytest.skip(f"{module} is installed")
     result = run_cli(["-m", override, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, check=False)
     (line,) = result.stderr.strip().splitlines()
     assert result.returncode == 2
-    assert "needs a Hydra plugin that is not installed; pip install -e '.[sweep]'" in line
+    assert expected in line and "is not installed; pip install -e '.[sweep]'" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "hydra.sweeper.sampler._target_=optuna.samplers.Nope",
+            "hydra.sweeper.sampler._target_=optuna.samplers.Nope cannot be made",
+        ),
+        (
+            "hydra.sweeper.pruner={_target_:optuna.pruners.Nope}",
+            "hydra.sweeper.pruner._target_=optuna.pruners.Nope cannot be made",
+        ),
+        (
+            "hydra.sweeper.params={optimizer.lr:'interval(1)'}",
+            "search space: optimizer.lr=interval(1) is malformed",
+        ),
+        ("optimizer.nesterov_typo=choice(true,false)", "optimizer.nesterov_typo is not an option"),
+        ("hydra.sweeper.storage=/proc/no/study.log", "cannot open hydra.sweeper.storage=/proc/no"),
+        ("hydra.sweeper.storage=nope://x", "cannot open hydra.sweeper.storage=nope://x"),
+    ],
+)
+def test_bad_optuna_search_is_one_line(override, expected, tmp_path, capfd, monkeypatch):
+    pytest.importorskip("optuna", reason="pip install -e '.[sweep]'")
+    sweep = tmp_path / "sweep"
+    args = ["hparams_search=optuna", override, f"hydra.sweep.dir={sweep}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert_one_line_error(code, stderr, expected, sweep)
+    assert not sweep.exists()  # no study, no job started
+
+
+def test_a_study_searched_over_another_space_is_one_line(tmp_path, capfd, monkeypatch):
+    optuna = pytest.importorskip("optuna", reason="pip install -e '.[sweep]'")
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    journal = tmp_path / "study.log"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    # A study of the same name whose trial searched the learning rate over another interval.
+    study = optuna.create_study(
+        study_name="resnet_lightning", storage=storage, direction="maximize"
+    )
+    lr = optuna.distributions.FloatDistribution(0.001, 1.0, log=True)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optimizer.lr": 0.1}, distributions={"optimizer.lr": lr}, value=0.5
+        )
+    )
+    sweep = tmp_path / "sweep"
+    args = ["hparams_search=optuna", f"hydra.sweeper.storage={journal}", f"hydra.sweep.dir={sweep}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    line = assert_one_line_error(code, stderr, "searches another space than this sweep", sweep)
+    assert "data.batch_size: not searched in the study" in line
+    assert len(study.get_trials()) == 1 and not sweep.exists()
 
 
 @pytest.fixture(scope="module")

@@ -180,13 +180,25 @@ def test_finetune_pretrained_loads_weights_into_a_new_10_class_head(tmp_path):
     assert model.fc.out_features == 10
 
 
-def test_hparams_search_composes_when_optuna_is_installed():
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweep]'")
+def test_hparams_search_composes_when_the_launcher_is_installed():
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[sweep]'")
     cfg = compose_with_hydra(["hparams_search=optuna", "hydra/launcher=parallel"])
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/acc"
     assert "optimizer.lr" in cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert cfg.hydra.sweeper.pruner is None
     assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_sweeper_sampler_and_pruner_are_chosen_by_name():
+    choices = ["hparams_search=optuna", "hydra/sweeper/sampler=cmaes"]
+    cfg = compose_with_hydra([*choices, "hydra/sweeper/pruner=hyperband"])
+    assert cfg.hydra.sweeper.sampler == {
+        "_target_": "optuna.samplers.CmaEsSampler",
+        "seed": 1234,
+        "n_startup_trials": 1,
+    }
+    assert cfg.hydra.sweeper.pruner._target_ == "optuna.pruners.HyperbandPruner"
 
 
 @pytest.mark.slow  # make test-all

@@ -32,6 +32,7 @@ from resnet_lightning.callbacks.checkpoints import (
 )
 from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.callbacks.fit_outcome import BEST_SCORE, EPOCHS, STEPS, FitOutcome
+from resnet_lightning.callbacks.optuna_pruning import OptunaPruning
 from resnet_lightning.callbacks.preemption import CheckpointOnSignal
 from resnet_lightning.callbacks.reseed import ReseedEachEpoch
 from resnet_lightning.callbacks.time_budget import TimeBudget, process_start_time
@@ -108,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks += configured_callbacks(cfg, with_loggers=bool(loggers))
     on_signal = CheckpointOnSignal(last_checkpoint_path(cfg))
     callbacks += [RunRecord(resolved), ReseedEachEpoch(seed), on_signal, FitOutcome()]
+    pruning = trial_pruning(cfg)  # an Optuna sweep's trial reports to its study
+    callbacks += [pruning] if pruning else []
     # Atomic saves and code-free loads are not optional: they are added here, not in conf/.
     plugins = [AtomicCheckpointIO(), *(instantiate_group(cfg, "trainer.plugins") or [])]
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
@@ -141,6 +144,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if budget is not None:
         metrics |= budget.summary(metrics["steps"])
+    if pruning is not None:
+        metrics["pruned"] = pruning.pruned_after_epoch is not None
+        if metrics["pruned"]:
+            metrics["pruned_after_epoch"] = pruning.pruned_after_epoch
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
@@ -215,6 +222,24 @@ def set_torch_threads(cfg: DictConfig) -> None:
         # from dividing the cores among them by itself.
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+
+
+def trial_pruning(cfg: DictConfig) -> OptunaPruning | None:
+    """The pruning callback of an Optuna sweep's trial job (`optuna_trial`, which the sweeper
+    adds to the job's overrides), with the sweep's pruner (`hydra.sweeper.pruner`); None outside
+    a sweep, and with several objectives, which Optuna does not prune."""
+    trial = cfg.get("optuna_trial")
+    if not trial or not isinstance(cfg.optimized_metric, str):
+        return None
+    sweeper = HydraConfig.get().sweeper if HydraConfig.initialized() else {}
+    pruner = sweeper.get("pruner")
+    return OptunaPruning(
+        storage=trial.storage,
+        study_name=trial.study_name,
+        number=trial.number,
+        monitor=cfg.optimized_metric,
+        pruner=hydra.utils.instantiate(pruner) if pruner else None,
+    )
 
 
 def group_entries(cfg: DictConfig, group: str) -> list[str]:
@@ -293,14 +318,16 @@ def finish_loggers(trainer: L.Trainer, run_dir: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float | list[float]:
     """One Hydra job: a run, or one job of a multirun."""
     quiet_noise()
     logging.captureWarnings(True)  # warnings go to the console and train.log like the rest
     # Inside the job too: Hydra would log its own "Error executing job" report before ours.
     with hydra_job(), one_line_errors():
         metrics = train(cfg)
-    return metrics[cfg.optimized_metric]  # what Hydra sweepers (Optuna, ...) optimize
+    # What Hydra sweepers (Optuna, ...) optimize: a list of metrics for several objectives.
+    wanted = cfg.optimized_metric
+    return metrics[wanted] if isinstance(wanted, str) else [metrics[key] for key in wanted]
 
 
 def main() -> None:

@@ -76,8 +76,11 @@ def parse_overrides(lines: list[str]) -> dict[str, str]:
 
 
 def varying_overrides(runs: list[Run]) -> list[str]:
-    """The override keys whose values differ between runs (what a sweep swept), in order seen."""
-    keys = dict.fromkeys(k for run in runs for k in run.overrides if not k.startswith("hydra."))
+    """The override keys whose values differ between runs (what a sweep swept), in order seen;
+    not Hydra's own, nor the Optuna trial a job reported to (its job directory's name)."""
+    keys = dict.fromkeys(
+        k for run in runs for k in run.overrides if not k.startswith(("hydra.", "optuna_trial."))
+    )
     return [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
 
 
