@@ -101,6 +101,7 @@ def test_ddp_test_metrics_cover_both_ranks(ddp_sweep):
 # selected in each job's overrides, which the ranks Lightning starts are given.
 CONFIGURED_SWEEPS = {
     "degradation": ["experiment=degradation", "hydra.sweeper.params.model='resnet20,plain20'"],
+    "optuna": ["hparams_search=optuna", "hydra.sweeper.n_trials=2"],
 }
 
 

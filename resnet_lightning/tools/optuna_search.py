@@ -40,14 +40,11 @@ from optuna.trial import TrialState
 from resnet_lightning.atomic_files import write_atomic
 from resnet_lightning.callbacks.optuna_pruning import PRUNED_AFTER_EPOCH, journal_file, open_storage
 from resnet_lightning.errors import UsageError, describe_bad_input, one_line
+from resnet_lightning.tools.study import JOURNAL_FILE, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STUDY_NAME = "resnet_lightning"
-# Where a sweep without hydra.sweeper.storage keeps its study: a journal file, which the jobs
-# reach from their own processes whatever the launcher.
-DEFAULT_JOURNAL = "optuna_journal.log"
-RESULTS_FILE = "optimization_results.yaml"
 # A sweeper process stops after this many failed trials in a row: the cause (a bad value
 # common to every trial, missing data) is then rarely the sampled hyperparameters.
 FAILURES_IN_A_ROW_TO_STOP = 3
@@ -245,7 +242,7 @@ class OptunaSearch:
         """The storage as the jobs are given it: a journal file's absolute path, or the URL;
         without hydra.sweeper.storage, the journal in `sweep_dir`."""
         if self.storage is None:
-            return str((sweep_dir / DEFAULT_JOURNAL).absolute())
+            return str((sweep_dir / JOURNAL_FILE).absolute())
         path = journal_file(self.storage)
         return str(path.absolute()) if path is not None else self.storage
 

@@ -71,24 +71,24 @@ def locate_study(location: str) -> StudyLocation:
 def open_storage(storage: str) -> optuna.storages.BaseStorage:
     """The Optuna storage at `storage` (a URL or a journal file), which must exist already:
     opening would otherwise create an empty one."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
+    from resnet_lightning.callbacks.optuna_pruning import journal_file
+    from resnet_lightning.callbacks.optuna_pruning import open_storage as open_or_create
 
-    if "://" not in storage:
-        path = Path(storage)
+    path = journal_file(storage)
+    if path is not None:
         if not path.is_file():
             raise UsageError(f"no study journal at {path}; {WHAT_TO_PASS}")
         with path.open("rb") as file:
             if file.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
                 raise UsageError(f"{path} is an SQLite database; pass it as sqlite:///{path}")
         try:  # reads the whole journal
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return open_or_create(storage)
         except ValueError as err:
             raise UsageError(f"{path} is not an Optuna journal ({err}); {WHAT_TO_PASS}") from err
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
         raise UsageError(f"{storage}: no such database file; {WHAT_TO_PASS}")
     try:
-        return optuna.storages.RDBStorage(storage)
+        return open_or_create(storage)
     except Exception as err:  # SQLAlchemy's, the driver's: none is a bug of ours
         raise UsageError(f"cannot open the study storage {storage}: {err}") from err
 
