@@ -150,6 +150,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if budget is not None:
         metrics |= budget.summary(metrics["steps"])
+    if (rss := resident_memory_mb()) is not None:
+        metrics["rss_mb"] = rss
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
@@ -199,6 +201,16 @@ def job_start_time() -> float:
     global _JOBS_STARTED
     _JOBS_STARTED += 1
     return process_start_time() if _JOBS_STARTED == 1 else time.time()
+
+
+def resident_memory_mb() -> float | None:
+    """The process's resident memory now, in MB; None where /proc is not there (not Linux).
+    Read at the end of a job, it shows what a multirun's jobs leave behind."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
 
 
 def quiet_noise() -> None:
