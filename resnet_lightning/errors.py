@@ -37,6 +37,7 @@ PLUGIN_CONFIGS = {"optuna": "sweep", "joblib": "sweep", "submitit_slurm": "slurm
 # Classes whose package is optional, by the pyproject extra that installs it.
 TARGET_EXTRAS = {
     "lightning.pytorch.loggers.MLFlowLogger": "mlflow",
+    "resnet_lightning.training.tracking.ResumableMLFlowLogger": "mlflow",
     "lightning.pytorch.loggers.WandbLogger": "wandb",
 }
 LIST_OPTIONS = "`python -m resnet_lightning --cfg job` prints every option"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 from PIL import Image
 
+from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.training.config import CONFIG_DIR, compose_config
 
 __all__ = ["CONFIG_DIR", "compose_config"]  # re-exported for the tests
@@ -138,6 +140,20 @@ def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:
     except SystemExit as exit_:
         code = exit_.code
     return code, capfd.readouterr().err
+
+
+def signal_at_step(patch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Make an in-process run (`run_main`) send itself a real signal, as `kill` or SLURM do,
+    when training step `step` (0-based) starts: it stops after that step. `patch`: a
+    monkeypatch context, which undoes this when it closes."""
+    start_batch = DivergenceGuard.on_train_batch_start
+
+    def signal_at_the_step(self, trainer, *hook_args):
+        start_batch(self, trainer, *hook_args)
+        if trainer.global_step == step:
+            os.kill(os.getpid(), signum)
+
+    patch.setattr(DivergenceGuard, "on_train_batch_start", signal_at_the_step)
 
 
 # Small CPU settings shared by the end-to-end tests: 2 epochs of 3 batches.

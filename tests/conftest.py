@@ -57,3 +57,18 @@ def photos(tmp_path_factory, cifar_archive) -> Path:
             if len(taken) == len(PHOTO_CLASSES) and min(taken.values()) >= sum(wanted.values()):
                 break
     return tree
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, in this process and the runs it starts, with its own files in the test's
+    folder and nothing sent; its service, if a run in this process started it, stopped after."""
+    wandb = pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    # Online, it would need a key it does not have, and a server at a closed port.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    yield wandb
+    wandb.teardown()

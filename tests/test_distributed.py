@@ -26,7 +26,7 @@ import yaml
 
 from resnet_lightning.tools.evaluate import evaluate
 from tests.cli_harness import REPO, TINY, cli_env, free_port, run_cli, without_callbacks
-from tests.test_loggers import mlflow_overrides, offline_wandb, the_mlflow_run
+from tests.test_loggers import mlflow_overrides, the_mlflow_run
 from tests.test_resume_eval import read_metrics, weights
 from tests.test_train_cli import scalar_tags
 
@@ -227,7 +227,7 @@ def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_spawned_ranks_train_test_and_report_like_ddp_to_every_logger(
-    strategy, ddp_sweep, tmp_path, data_overrides, monkeypatch
+    strategy, ddp_sweep, tmp_path, data_overrides, offline_wandb
 ):
     # ddp_spawn/ddp_fork start the ranks as worker processes, for trainer.fit and again for
     # trainer.test, and hand rank 0's weights back through the checkpoint plugin; the loop
@@ -236,7 +236,6 @@ def test_spawned_ranks_train_test_and_report_like_ddp_to_every_logger(
     temp.mkdir()
     loggers = ["csv", "tensorboard", *(n for n in ("mlflow", "wandb") if find_spec(n))]
     uri, mlflow_store = mlflow_overrides(tmp_path)
-    offline_wandb(monkeypatch, tmp_path)
     args = [*DDP, "model=resnet20", f"trainer.strategy={strategy}", *data_overrides]
     args += [f"logger=[{','.join(loggers)}]", *mlflow_store]
     result = subprocess.run(

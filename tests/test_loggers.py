@@ -1,17 +1,30 @@
 """The optional loggers through the real CLI: MLflow into a local SQLite store, read back with
-its own client; W&B offline, with nothing sent; several loggers at once; the one-line error
-when a logger's package is missing; and a metrics.csv that another process appends to."""
+its own client; W&B offline, with nothing sent; several loggers at once; a stopped run resumed
+into the same MLflow and W&B runs; the one-line error when a logger's package is missing; and
+a metrics.csv that another process appends to."""
 
 from __future__ import annotations
 
 import csv
 import json
 import pickle
+import signal
 
 import pytest
+import torch
 
+from resnet_lightning.callbacks.checkpoints import RunRecord
 from resnet_lightning.training.config import instantiate_group
-from tests.cli_harness import REPO, TINY, compose_config, run_cli, run_main, without_callbacks
+from resnet_lightning.training.tracking import instantiate_logger
+from tests.cli_harness import (
+    REPO,
+    TINY,
+    compose_config,
+    run_cli,
+    run_main,
+    signal_at_step,
+    without_callbacks,
+)
 
 QUICK = [*TINY, "model=resnet20", "trainer.max_epochs=1", *without_callbacks("lr_monitor")]
 
@@ -78,20 +91,10 @@ def test_tensorboard_and_mlflow_together(tmp_path, data_overrides):
     assert "test/acc" in run.data.metrics and run.info.status == "FINISHED"
 
 
-def offline_wandb(monkeypatch, tmp_path) -> None:
-    """The environment of CLI runs that log to W&B offline, with nothing sent."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    # Online, it would need a key it does not have, and a server at a closed port.
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
-
-
 @pytest.mark.slow  # make test-all
-def test_wandb_writes_an_offline_run_into_each_run_directory(tmp_path, data_overrides, monkeypatch):
-    pytest.importorskip("wandb", reason="pip install -e '.[wandb]'")
-    offline_wandb(monkeypatch, tmp_path)
+def test_wandb_writes_an_offline_run_into_each_run_directory(
+    tmp_path, data_overrides, offline_wandb
+):
     sweep_dir = tmp_path / "sweep"
     # Two jobs in one process: the second must start a W&B run of its own, not reuse the first.
     args = ["-m", "seed=1,2", *QUICK, *data_overrides, "logger=wandb"]
@@ -102,6 +105,64 @@ def test_wandb_writes_an_offline_run_into_each_run_directory(tmp_path, data_over
         assert list(offline_run.glob("run-*.wandb"))
         assert not list((run_dir / "wandb").glob("run-*"))  # no online run was started
         assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow  # make test-all
+def test_resume_auto_continues_the_mlflow_and_wandb_runs(
+    tmp_path, data_overrides, offline_wandb, capfd, monkeypatch
+):
+    pytest.importorskip("mlflow", reason="pip install -e '.[mlflow]'")
+    # In this process W&B would wrap stdout and stderr, which pytest reads.
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    run_dir = tmp_path / "run"
+    uri, store = mlflow_overrides(tmp_path)
+    # Two epochs of three steps; SIGTERM while step 1 trains: saved at step 2, mid-epoch.
+    args = [*TINY, *without_callbacks("last_checkpoint"), "model=resnet20", *data_overrides]
+    args += ["data.batch_size=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    args += ["trainer.num_sanity_val_steps=0", "num_threads=1"]
+    args += ["logger=[mlflow,wandb]", *store, f"hydra.run.dir={run_dir}"]
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 1)
+        code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 128 + signal.SIGTERM, stderr
+    offline_wandb.finish(exit_code=code)  # what the exit does; this test's process goes on
+    _, stopped = the_mlflow_run(uri)
+    assert stopped.info.status == "FAILED"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2
+    runs = saved[RunRecord.TRACKING_KEY]
+
+    code, stderr = run_main(["resume=auto", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert code == 0, stderr
+
+    # One MLflow run, the checkpoint's, finished, its loss curve every step once: 0-1 logged
+    # before the signal, 2-5 after the resume.
+    client, run = the_mlflow_run(uri)
+    assert run.info.run_id == runs["MLFlowLogger"]
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(6))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert run.data.params["resume"] == "None"  # the parameters it started with, unchanged
+    # W&B offline: each process wrote its own folder, both of the checkpoint's run, which
+    # `wandb sync` uploads as one run.
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert [folder.name.rsplit("-", 1)[1] for folder in offline] == [runs["WandbLogger"]] * 2
+    assert all((folder / f"run-{runs['WandbLogger']}.wandb").is_file() for folder in offline)
+
+    # The logger that continues a run marks it running, and leaves its parameters alone.
+    cfg = compose_config(["logger=mlflow", *store, f"paths.output_dir={run_dir}", "resume=auto"])
+    logger = instantiate_logger(cfg, "logger.mlflow", runs)
+    assert logger.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    logger.log_hyperparams({"resume": "auto", "new": 1})  # MLflow would refuse the change
+    assert client.get_run(run.info.run_id).data.params == run.data.params
+    # A store without the run (a run directory copied from another machine): a new run.
+    logger = instantiate_logger(cfg, "logger.mlflow", {"MLFlowLogger": "0" * 32})
+    assert logger.run_id not in ("0" * 32, run.info.run_id)
+    assert len(client.search_runs([run.info.experiment_id])) == 2
 
 
 @pytest.mark.parametrize(
@@ -120,7 +181,7 @@ def test_a_missing_logger_package_names_its_extra(
     )
     assert code == 2
     (line,) = err.strip().splitlines()
-    name = {"mlflow": "MLFlowLogger", "wandb": "WandbLogger"}[logger]
+    name = {"mlflow": "ResumableMLFlowLogger", "wandb": "WandbLogger"}[logger]
     assert line == (
         f"error: logger.{logger} ({name}) needs a package that is not installed; "
         f"pip install -e '.[{logger}]'"

@@ -5,7 +5,8 @@
 - `load_checkpoint_file`: `torch.load(weights_only=True)` with one-line errors for a corrupt
   file or one that would execute code.
 - `RunRecord`: a callback that stores the run's resolved config and class names in every
-  checkpoint, so `resnet_lightning.eval` rebuilds the model the run trained, not today's defaults.
+  checkpoint, so `resnet_lightning.eval` rebuilds the model the run trained, not today's defaults,
+  and the MLflow and W&B runs it logs to, so `resume=auto` continues them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from torch import nn
 
 from resnet_lightning.atomic_files import write_atomic
@@ -149,7 +151,9 @@ def remove_partial_checkpoints(folder: Path) -> None:
 
 
 class RunRecord(L.Callback):
-    """Stores the run's resolved config and the data set's class names in every checkpoint.
+    """Stores the run's resolved config, the data set's class names and the ids of the
+    tracking runs it logs to (`{"MLFlowLogger": run id, "WandbLogger": run id}`) in every
+    checkpoint.
 
     Args:
         config: the run's config as plain containers (`OmegaConf.to_container(cfg, resolve=True)`).
@@ -157,6 +161,11 @@ class RunRecord(L.Callback):
 
     CONFIG_KEY = "run_config"
     CLASSES_KEY = "class_names"
+    TRACKING_KEY = "tracking_runs"
+    # Loggers whose runs live in a store of their own, which a resumed run continues (the
+    # others write into the run directory, which it continues anyway), and the constructor
+    # argument that names the run to continue.
+    TRACKING_LOGGERS = {MLFlowLogger: "run_id", WandbLogger: "id"}
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -168,3 +177,12 @@ class RunRecord(L.Callback):
         classes = getattr(trainer.datamodule, "classes", None)
         if classes is not None:
             checkpoint[self.CLASSES_KEY] = list(classes)
+        # `version` is the run's id in both (None on ranks > 0, which log nothing).
+        runs = {
+            kind.__name__: logger.version
+            for logger in trainer.loggers
+            for kind in self.TRACKING_LOGGERS
+            if isinstance(logger, kind) and logger.version
+        }
+        if runs:
+            checkpoint[self.TRACKING_KEY] = runs

@@ -13,7 +13,8 @@ file, rank 0 writes the run's outputs.
 
 After a job, no distributed state is left behind: the next job of a multirun would otherwise
 find LOCAL_RANK set (Lightning then assumes an external launcher and starts no ranks) and the
-old process group still initialized.
+old process group still initialized. Nor is the job's memory: its trainer, model and data
+module are freed before the next job starts (docs/distributed.md, memory over a sweep).
 
 Run and sweep directories are named by the second they start; `unique_dir` creates each one
 exclusively, so that runs started in the same second never share one.
@@ -21,6 +22,7 @@ exclusively, so that runs started in the same second never share one.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -145,3 +147,7 @@ def hydra_job() -> Iterator[None]:
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved_env)
+        # The trainer, the module and the data module reference each other: only the cyclic
+        # collector frees them, which waits for many more allocations than a job makes, so
+        # each job of a multirun would keep every earlier job's alive.
+        gc.collect()

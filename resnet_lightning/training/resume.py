@@ -4,7 +4,8 @@
 with the overrides the run was started with; `resume=<path>` from that checkpoint. Lightning
 restores the weights, optimizer, scheduler and loop counters; the data's epoch-seeded
 shuffling (data/sampling.py) and callbacks/reseed.py make the epochs after a resume draw the
-random numbers an uninterrupted run would have drawn.
+random numbers an uninterrupted run would have drawn. The MLflow and W&B runs it logged to are
+continued too (training/tracking.py).
 """
 
 from __future__ import annotations

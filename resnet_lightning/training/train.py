@@ -54,6 +54,7 @@ from resnet_lightning.training.config import (
 from resnet_lightning.training.launch import hydra_job, process_overrides, remove_half_written_run
 from resnet_lightning.training.precision import resolve_auto_precision
 from resnet_lightning.training.resume import last_checkpoint_path, resume_checkpoint
+from resnet_lightning.training.tracking import instantiate_logger, tracking_runs
 
 log = logging.getLogger(__name__)
 # Columns of TensorBoard's HPARAMS tab besides the model, optimizer, scheduler, seed and overrides.
@@ -95,12 +96,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # The model summary counts FLOPs on it (without one it prints "Total FLOPs: 0").
     size = int(cfg.data.image_size)
     module.example_input_array = torch.zeros(1, 3, size, size)
+    runs = {}  # resume=auto: the MLflow and W&B runs to continue
     if resume_path:  # a checkpoint that cannot continue this run stops it before any output
         # Memory-mapped: the check reads shapes, fit() then loads the file for real.
-        check_checkpoint_fits(module, load_checkpoint_file(resume_path, mmap=True), resume_path)
+        saved = load_checkpoint_file(resume_path, mmap=True)
+        check_checkpoint_fits(module, saved, resume_path)
+        runs = tracking_runs(cfg, saved)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    loggers = [instantiate_group(cfg, key) for key in group_entries(cfg, "logger")]
+    loggers = [instantiate_logger(cfg, key, runs) for key in group_entries(cfg, "logger")]
     # The guard first, so that its checks fall inside other callbacks' per-batch windows; the
     # budget next (not in conf/callbacks: no override switches it off), so that the position
     # a step ends at is known to the callbacks after it (lookahead's last pull, checkpoints).
@@ -148,6 +152,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["pruned"] = pruning.pruned_after_epoch is not None
         if metrics["pruned"]:
             metrics["pruned_after_epoch"] = pruning.pruned_after_epoch
+    if (rss := resident_memory_mb()) is not None:
+        metrics["rss_mb"] = rss
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics))
@@ -197,6 +203,16 @@ def job_start_time() -> float:
     global _JOBS_STARTED
     _JOBS_STARTED += 1
     return process_start_time() if _JOBS_STARTED == 1 else time.time()
+
+
+def resident_memory_mb() -> float | None:
+    """The process's resident memory now, in MB; None where /proc is not there (not Linux).
+    Read at the end of a job, it shows what a multirun's jobs leave behind."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
 
 
 def quiet_noise() -> None:
