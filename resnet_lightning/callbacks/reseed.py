@@ -18,12 +18,13 @@ class ReseedEachEpoch(L.Callback):
     random-number state. With this (and the data's epoch-seeded shuffling) each epoch's
     randomness is a function of (seed, epoch) alone. A run resumed from a mid-epoch checkpoint
     (a signal, `every_n_train_steps`) starts no new epoch: it continues from the generators'
-    states saved in the checkpoint. Random crops and flips in the main process
-    (`data.num_workers=0`) then repeat exactly after a resume; worker processes are seeded from
-    the loader's own generator, so with workers the batches hold the same images after a
-    resume but their augmentation differs. Under DDP a checkpoint holds rank 0's states only:
-    a mid-epoch resume reseeds every rank from (seed, epoch, step, rank) instead, so each rank
-    still draws its own numbers, though not those of the uninterrupted run.
+    states saved in the checkpoint. The data's draws do not depend on these generators at all:
+    the augmentation of each training image (pipeline=torchvision, in whichever worker process
+    makes it) or batch (pipeline=tensor) is seeded from (seed, epoch, its index), and each
+    batch's Mixup/CutMix from (seed, epoch, batch, rank) (data/). Under DDP a checkpoint holds
+    rank 0's states only: a mid-epoch resume reseeds every rank from (seed, epoch, step, rank)
+    instead, so what the model itself draws (dropout, drop-path) differs from the uninterrupted
+    run's there.
     """
 
     def __init__(self, seed: int):
