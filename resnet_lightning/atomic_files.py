@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -15,7 +16,8 @@ Content = str | bytes | Callable[[IO[bytes]], None]
 def write_atomic(path: Path | str, content: Content, tmp_suffix: str = ".tmp") -> Path:
     """Write `content` (text, bytes, or a function writing to the open file) to `path`.
 
-    The temporary file is `.<name>.<pid><tmp_suffix>`; it is removed when the write fails.
+    The temporary file is `.<name>.<pid><tmp_suffix>`; it is removed when the write fails, and
+    by `remove_leftovers` when the process was killed during the write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +37,16 @@ def write_atomic(path: Path | str, content: Content, tmp_suffix: str = ".tmp") -
     finally:
         tmp.unlink(missing_ok=True)  # nothing left after the rename
     return path
+
+
+def remove_leftovers(folder: Path | str, tmp_suffix: str = ".tmp") -> None:
+    """Delete the temporary files that `write_atomic` calls with `tmp_suffix` left in `folder`:
+    writes that a kill (SIGKILL, a crash, power loss) cut short. Only names of that form are
+    touched, and not in subfolders."""
+    leftover = re.compile(rf"\..+\.\d+{re.escape(tmp_suffix)}")
+    for path in Path(folder).glob(f".*{tmp_suffix}"):
+        if leftover.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def write_json(path: Path | str, data: Any) -> Path:

@@ -4,6 +4,7 @@ small run settings, and a CIFAR-shaped archive for machines without the real cop
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.training.config import CONFIG_DIR, compose_config
@@ -124,6 +126,31 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """A run's metrics.json less what differs between two runs of the same training: the wall
+    time, and the best checkpoint's folder."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("wall_time_s")
+    metrics.pop("rss_mb", None)  # the process's memory, not the training's
+    metrics["best_checkpoint"] = Path(metrics["best_checkpoint"]).name
+    return metrics
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, weights_only=True)["state_dict"]
+
+
+def train_loss_curve(run_dir: Path) -> dict[int, float]:
+    """train/loss by step over every events file of the run, later files winning."""
+    curve = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            curve |= {e.step: e.value for e in accumulator.Scalars("train/loss")}
+    return curve
 
 
 def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:

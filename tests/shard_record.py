@@ -10,6 +10,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from torch.utils.data import DistributedSampler, Subset
 
+from resnet_lightning.data.datamodule import EpochSeededItems
+
 
 class RecordShard(L.Callback):
     """Writes `<folder>/rank<global rank>.json`: the files this rank's sampler hands out in
@@ -21,8 +23,9 @@ class RecordShard(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = trainer.train_dataloader
         dataset, indices = loader.dataset, list(DistributedSampler.__iter__(loader.sampler))
-        while isinstance(dataset, Subset):
-            indices = [dataset.indices[i] for i in indices]
+        while isinstance(dataset, Subset | EpochSeededItems):
+            if isinstance(dataset, Subset):
+                indices = [dataset.indices[i] for i in indices]
             dataset = dataset.dataset
         record = {
             "world_size": trainer.world_size,

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import io
+import itertools
 import stat
 import subprocess
 import sys
 import tarfile
 import time
 import zipfile
+from collections import Counter
 from urllib.error import URLError
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
 from resnet_lightning.data import NORMALIZATION, CifarDataModule, load_cifar10
-from resnet_lightning.data.datamodule import PIPELINES
+from resnet_lightning.data.datamodule import PIPELINES, EpochSeededItems
 from resnet_lightning.errors import DataError
 from resnet_lightning.training.config import instantiate_group
 from tests.cli_harness import (
     REPO,
     SHARED_CIFAR,
+    chi_square_agrees,
     cli_env,
     compose_config,
     make_datamodule,
@@ -205,6 +209,55 @@ def test_train_augmentation_changes_images_eval_does_not(data_root, cifar_archiv
     assert not all(torch.equal(views[0], v) for v in views[1:])
     val = dm.val_dataloader().dataset
     assert torch.equal(val[0][0], val[0][0])
+
+
+def test_loader_workers_draw_the_augmentation_the_training_process_draws(data_root, cifar_archive):
+    """Each training image's crop and flip is seeded from (seed, epoch, index): two worker
+    processes give the batches the training process makes alone, so a resumed epoch (its
+    workers started afresh) repeats them."""
+    dm = make_datamodule(data_root, cifar_archive, val_size=100, batch_size=16)
+    batches = {}
+    for workers in (0, 2):
+        dm.hparams.num_workers = workers
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(3)
+        batches[workers] = list(itertools.islice(loader, 3))
+    for (images, labels), (again, same_labels) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(images, again) and torch.equal(labels, same_labels)
+
+
+class CropDraws(Dataset):
+    """What RandomCrop(32, padding=4) and RandomHorizontalFlip draw for an item: torch's
+    global generator, as torchvision's transforms use it."""
+
+    def __len__(self) -> int:
+        return 4000
+
+    def __getitem__(self, index: int) -> tuple[int, bool]:
+        top, left = torch.randint(0, 9, (2,)).tolist()
+        return 9 * top + left, bool(torch.rand(1) < 0.5)
+
+
+def test_items_seeded_by_epoch_and_index_draw_independently():
+    """The keyed draws keep augmentation's statistics: offsets uniform, flips fair, nothing
+    shared between images or between an image's epochs; the process's generator untouched."""
+    items = EpochSeededItems(CropDraws(), seed=42)
+    state = torch.get_rng_state()
+    epochs = [[items[(epoch, i)] for i in range(len(items))] for epoch in (0, 1)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert epochs[0][:5] == [items[(0, i)] for i in range(5)]  # a function of the key
+    offsets = [offset for offset, _ in epochs[0]]
+    unseeded = torch.randint(0, 81, (len(offsets),), generator=torch.Generator().manual_seed(0))
+    assert chi_square_agrees(Counter(offsets), Counter(unseeded.tolist()))
+    flips = sum(flip for _, flip in epochs[0])
+    assert abs(flips - len(items) / 2) < 4 * (len(items) / 4) ** 0.5
+    # 1 in 81 offsets agree by chance (about 49 of 4000), between neighbours or epochs alike.
+    for pairs in (
+        zip(epochs[0], epochs[1], strict=True),
+        zip(epochs[0][1:], epochs[0][:-1], strict=True),
+    ):
+        agree = sum(a[0] == b[0] for a, b in pairs)
+        assert agree < 100, agree
 
 
 def test_wrong_class_count_is_a_clear_error(data_root, cifar_archive):

@@ -127,7 +127,7 @@ def test_grey_rgba_palette_and_16_bit_images_come_out_rgb(photos, tmp_path):
         image.save(tree / "train" / "bird" / f"mode-{name}.png")
     dm = datamodule(tmp_path, tree, augment=False)
     dataset = dm.train_dataloader().dataset
-    index = {Path(f).stem: i for i, (f, _) in enumerate(dataset.samples)}
+    index = {Path(f).stem: i for i, (f, _) in enumerate(dm.samples["train"])}
     reference = dataset[index["mode-grey"]][0]
     for name in modes:
         image, label = dataset[index[f"mode-{name}"]]

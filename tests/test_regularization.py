@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from resnet_lightning.data.mixing import batch_mixer
 from resnet_lightning.models import create_model
 from resnet_lightning.training.config import build_module, instantiate_group
 from resnet_lightning.training.module import ImageClassifier
@@ -90,6 +91,14 @@ def test_cutmix_pastes_a_box_and_weighs_it_by_its_area(mixing, data_root, cifar_
     assert lam == pytest.approx(1 - float(box.sum()) / (32 * 32), abs=1e-6)
 
 
+def test_integer_alphas_mix():
+    """`data.cutmix_alpha=1` on the command line is an int, which torch's Beta refuses."""
+    images, labels = torch.rand(4, 3, 32, 32), torch.arange(4)
+    for alphas in ({"mixup_alpha": 1}, {"cutmix_alpha": 1}):
+        _, targets = batch_mixer(NUM_CLASSES, **alphas)(images, labels)
+        assert targets.shape == (4, NUM_CLASSES)
+
+
 def test_mix_prob_zero_leaves_the_batch_untouched(data_root, cifar_archive):
     dm = make_datamodule(
         data_root, cifar_archive, batch_size=32, mixup_alpha=1.0, cutmix_alpha=1.0, mix_prob=0
@@ -126,6 +135,35 @@ def test_only_training_batches_are_mixed(data_root, cifar_archive):
     for images, labels in seen.val:
         assert labels.dtype == torch.int64 and labels.ndim == 1
         assert torch.equal(images, val_images) and torch.equal(labels, val_labels)
+
+
+def test_mixing_draws_depend_on_the_batch_not_on_the_global_generator(
+    data_root, cifar_archive, monkeypatch
+):
+    """Each batch's mixing (which mixer, lam, the box) is drawn from (seed, epoch, batch,
+    rank): the same whatever else used torch's generator before, as after a resume that
+    restored or reseeded it differently (a DDP rank's mid-epoch resume)."""
+
+    class MixedTargets(L.Callback):
+        def __init__(self):
+            self.targets = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.targets.append(batch[1])
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # the run's seed, as seed_everything sets it
+    runs = []
+    for global_seed in (0, 1):
+        dm = make_datamodule(
+            data_root, cifar_archive, batch_size=8, mixup_alpha=0.4, cutmix_alpha=1.0
+        )
+        seen = MixedTargets()
+        torch.manual_seed(global_seed)
+        trainer = bare_trainer(max_steps=3, limit_val_batches=0, callbacks=[seen])
+        trainer.fit(classifier(), datamodule=dm)
+        runs.append(torch.stack(seen.targets))
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0].shape == (3, 8, NUM_CLASSES)  # soft targets: the batches were mixed
 
 
 def test_label_smoothing_of_mixed_targets_is_timms():

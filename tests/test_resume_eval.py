@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_lightning.callbacks.checkpoints import PARTIAL_SUFFIX, remove_partial_checkpoints
+from resnet_lightning.callbacks.divergence import DivergenceGuard
 from resnet_lightning.data import load_cifar10
 from resnet_lightning.tools import evaluate as evaluation
 from resnet_lightning.training.module import ImageClassifier
@@ -28,9 +28,11 @@ from tests.cli_harness import (
     REPO,
     TINY,
     cli_env,
+    read_metrics,
     run_cli,
     run_main,
-    signal_at_step,
+    train_loss_curve,
+    weights,
     without_callbacks,
 )
 
@@ -54,29 +56,6 @@ def finished_run(tmp_path_factory, data_root, cifar_archive):
     data = [f"data.root={data_root}", f"data.path={cifar_archive}"]
     result = run_cli([*RUN, *data, f"hydra.run.dir={run_dir}"], cwd=REPO)
     return run_dir, result
-
-
-def read_metrics(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("wall_time_s")
-    metrics.pop("rss_mb", None)
-    metrics["best_checkpoint"] = Path(metrics["best_checkpoint"]).name
-    return metrics
-
-
-def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, weights_only=True)["state_dict"]
-
-
-def train_loss_curve(run_dir: Path) -> dict[int, float]:
-    """train/loss by step over every events file of the run, later files winning."""
-    curve = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if "train/loss" in accumulator.Tags()["scalars"]:
-            curve |= {e.step: e.value for e in accumulator.Scalars("train/loss")}
-    return curve
 
 
 def test_seed_zero_is_used(finished_run):
@@ -362,28 +341,70 @@ def test_run_directory_written_before_the_layered_layout_evaluates_and_resumes(
     assert len(json.loads((tmp_path / "t.json").read_text())["epoch_s"]) == 1
 
 
+# Options whose random draws a mid-epoch resume must repeat: Mixup and CutMix (drawn per
+# batch on the training device), and loader workers (each image's crop and flip drawn in a
+# worker process). The tensor pipeline has no workers: it ignores data.num_workers.
+MIXING = ["data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
+WORKERS = ["data.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """`run(args, capfd, monkeypatch)`: the directory of a run with `args` that was never
+    interrupted, made once per module for all the tests that compare against it."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(args: list[str], capfd, monkeypatch) -> Path:
+        if tuple(args) not in runs:
+            run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+            code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+            assert code == 0, stderr
+            runs[tuple(args)] = run_dir
+        return runs[tuple(args)]
+
+    return run
+
+
 @pytest.mark.parametrize(
-    ("pipeline", "signum"),
+    ("pipeline", "signum", "options"),
     [
-        pytest.param("torchvision", signal.SIGTERM, marks=pytest.mark.slow),
-        ("tensor", signal.SIGUSR1),
-        pytest.param("tensor", signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param("torchvision", signal.SIGTERM, [], marks=pytest.mark.slow),
+        ("tensor", signal.SIGUSR1, []),
+        pytest.param("tensor", signal.SIGINT, [], marks=pytest.mark.slow),
+        pytest.param("torchvision", signal.SIGTERM, MIXING, marks=pytest.mark.slow),
+        pytest.param("tensor", signal.SIGTERM, MIXING, marks=pytest.mark.slow),
+        pytest.param("torchvision", signal.SIGTERM, WORKERS, marks=pytest.mark.slow),
     ],
-    ids=["torchvision-SIGTERM", "tensor-SIGUSR1", "tensor-SIGINT"],
+    ids=[
+        "torchvision-SIGTERM",
+        "tensor-SIGUSR1",
+        "tensor-SIGINT",
+        "torchvision-mixing",
+        "tensor-mixing",
+        "torchvision-workers",
+    ],
 )
 def test_signal_mid_epoch_checkpoints_and_resumes_to_the_uninterrupted_result(
-    pipeline, signum, tmp_path, data_overrides, capfd, monkeypatch
+    pipeline, signum, options, uninterrupted, tmp_path, data_overrides, capfd, monkeypatch
 ):
     # Five batches an epoch; the signal arrives while the third batch of epoch 1 trains.
-    args = [a for a in RUN if not a.startswith("trainer.limit_train_batches=")]
-    args += ["trainer.limit_train_batches=5", f"data.pipeline={pipeline}", *data_overrides]
-    reference, run_dir = tmp_path / "uninterrupted", tmp_path / "run"
-    code, stderr = run_main([*args, f"hydra.run.dir={reference}"], capfd, monkeypatch)
-    assert code == 0, stderr
+    plain = [a for a in RUN if not a.startswith("trainer.limit_train_batches=")]
+    plain += ["trainer.limit_train_batches=5", f"data.pipeline={pipeline}", *data_overrides]
+    args = [*plain, *options]
+    reference, run_dir = uninterrupted(args, capfd, monkeypatch), tmp_path / "run"
 
-    with monkeypatch.context() as patch:
-        signal_at_step(patch, 7, signum)
-        code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    start_batch = DivergenceGuard.on_train_batch_start
+    seen = []  # (soft targets, loader workers) of each batch trained on
+
+    def signal_at_step_7(self, trainer, pl_module, batch, batch_idx):
+        start_batch(self, trainer, pl_module, batch, batch_idx)
+        seen.append((batch[1].ndim == 2, getattr(trainer.train_dataloader, "num_workers", 0)))
+        if trainer.global_step == 7 and signal_armed:
+            os.kill(os.getpid(), signum)  # a real signal, as `kill` or SLURM send it
+
+    monkeypatch.setattr(DivergenceGuard, "on_train_batch_start", signal_at_step_7)
+    signal_armed = True
+    code, stderr = run_main([*args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert code == 128 + signum, stderr
     assert stderr.strip().splitlines()[-1] == (
@@ -394,11 +415,23 @@ def test_signal_mid_epoch_checkpoints_and_resumes_to_the_uninterrupted_result(
     progress = torch.load(last, weights_only=True)["loops"]["fit_loop"]
     assert progress["epoch_loop.batch_progress"]["current"]["completed"] == 3  # mid-epoch
 
+    signal_armed = False
     code, stderr = run_main(["resume=auto", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
     assert code == 0, stderr
+    assert len(seen) == 15  # 8 steps, then the 7 left
     assert read_metrics(run_dir) == read_metrics(reference)
     final, expected = weights(last), weights(reference / "checkpoints" / "last.ckpt")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+    # The options took effect, before and after the resume.
+    assert all(mixed == (options == MIXING) for mixed, _ in seen)
+    assert all(workers == (2 if options == WORKERS else 0) for _, workers in seen)
+    if options:
+        without = weights(uninterrupted(plain, capfd, monkeypatch) / "checkpoints" / "last.ckpt")
+        same_as_without = all(torch.equal(final[k], without[k]) for k in expected)
+        # Mixing changes what is learnt; workers change nothing: each image's augmentation is
+        # drawn from (seed, epoch, index), whichever process makes it.
+        assert same_as_without == (options == WORKERS)
 
 
 @pytest.mark.parametrize("during", ["validation", "testing"])

@@ -23,7 +23,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from torch import nn
 
-from resnet_lightning.atomic_files import write_atomic
+from resnet_lightning.atomic_files import remove_leftovers, write_atomic
 from resnet_lightning.errors import (
     DISK_FULL,
     NOT_WRITABLE,
@@ -146,8 +146,7 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], path: _
 
 def remove_partial_checkpoints(folder: Path) -> None:
     """Delete the temporary files of saves that were killed before they finished."""
-    for partial in folder.glob(f".*{PARTIAL_SUFFIX}"):
-        partial.unlink(missing_ok=True)
+    remove_leftovers(folder, PARTIAL_SUFFIX)
 
 
 class RunRecord(L.Callback):

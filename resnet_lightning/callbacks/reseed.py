@@ -19,13 +19,14 @@ class ReseedEachEpoch(L.Callback):
     random-number state. With this (and the data's epoch-seeded shuffling) each epoch's
     randomness is a function of (seed, epoch) alone. A run resumed from a mid-epoch checkpoint
     (a signal, `every_n_train_steps`) starts no new epoch: it continues from the generators'
-    states saved in the checkpoint. Random crops and flips in the main process
-    (`data.num_workers=0`) then repeat exactly after a resume; worker processes are seeded from
-    the loader's own generator, so with workers the batches hold the same images after a
-    resume but their augmentation differs. Under DDP the checkpoint holds every rank's states
-    (gathered when it is written, which Lightning does on all ranks), and each rank takes its
-    own back; resumed on another number of processes, each rank is reseeded from (seed,
-    epoch, rank, step) instead, drawing its own numbers, though not an uninterrupted run's.
+    states saved in the checkpoint. The data's draws do not depend on these generators at all:
+    the augmentation of each training image (pipeline=torchvision, in whichever worker process
+    makes it) or batch (pipeline=tensor) is seeded from (seed, epoch, its index), and each
+    batch's Mixup/CutMix from (seed, epoch, batch, rank) (data/). Under DDP the checkpoint holds
+    every rank's states (gathered when it is written, which Lightning does on all ranks), and
+    each rank takes its own back; resumed on another number of processes, each rank is
+    reseeded from (seed, epoch, rank, step) instead: the same data draws, but other draws of
+    the model's own (dropout, drop-path) than an uninterrupted run's.
     """
 
     def __init__(self, seed: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from typing import Any
 
 import lightning as L
 import torch
@@ -16,7 +17,13 @@ from resnet_lightning.errors import DataError, InvalidArgument
 from .cifar import TORCHVISION_SETS, CifarArrays, ReadLimits, load_cifar
 from .mixing import MixedTrainingBatches, batch_mixer
 from .policies import ERASING_RATIO, ERASING_SCALE, check_augmentation, torchvision_policy
-from .sampling import ResumableDataLoader, ResumableSampler, run_seed
+from .sampling import (
+    AUGMENTATION_STREAM,
+    EpochKeyedSampler,
+    ResumableDataLoader,
+    run_seed,
+    stream_seed,
+)
 from .tensor_loader import FLIPS, PAD_MODES, TensorLoader, intra_op_threads
 
 PIPELINES = ("torchvision", "tensor")
@@ -51,6 +58,38 @@ class ImageTensorDataset(Dataset):
             return [self[i] for i in indices]
 
 
+class EpochSeededItems(Dataset):
+    """The items of `dataset` by `(epoch, index)` keys (EpochKeyedSampler's), each made with
+    torch's generator seeded from (seed, epoch, index) and restored after.
+
+    An item's random augmentation then depends on nothing else: not on the worker process
+    that makes it, nor on how many items that worker made before, so a run resumed part-way
+    through an epoch (whose workers start afresh) draws what an uninterrupted one drew, with
+    any `num_workers`, on every rank. A plain index gives the item as `dataset` makes it.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        epoch, index = key
+        # torchvision's transforms draw from the global generator, and take no other.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(
+                stream_seed(self.seed, AUGMENTATION_STREAM, epoch, index)
+            )
+            return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        with intra_op_threads(1):  # as ImageTensorDataset's, for either data set
+            return [self[key] for key in keys]
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """How loader workers start: by fork where the platform has it (fast; what DataLoader does
     by default on Linux before Python 3.14), else spawn. Named explicitly because a process
@@ -79,16 +118,16 @@ def image_loader(
     """The DataLoader of a map-style data set of (image, label) items, decoded in workers.
 
     Training is shuffled by (seed, epoch) so that a resumed run sees the same batches, and
-    resumable part-way through an epoch; under DDP each rank gets its shard. The loader's own
-    generator keeps its draws off the global RNG.
+    resumable part-way through an epoch; under DDP each rank gets its shard. Each training
+    image's augmentation is drawn from (seed, epoch, index) (EpochSeededItems), whichever
+    worker makes it. The loader's own generator keeps its draws off the global RNG.
     """
     seed = run_seed()
     rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-    sampler = ResumableSampler(dataset, seed, rank, world_size) if train else None
-    if sampler is not None and trainer is not None:
-        # Workers fetch ahead as soon as the loader is iterated, before Lightning sets the
-        # epoch: a resumed run's loader starts at its epoch.
-        sampler.set_epoch(trainer.current_epoch)
+    sampler = None
+    if train:
+        dataset = EpochSeededItems(dataset, seed)
+        sampler = EpochKeyedSampler(dataset, seed, rank, world_size)
     return (ResumableDataLoader if train else DataLoader)(
         dataset,
         batch_size=batch_size,

@@ -7,6 +7,10 @@ the neighbour instead, lam corrected to the box's real area after clipping at th
 targets become (B, num_classes) probabilities, lam on the own label and 1 - lam on the
 neighbour's. torchvision.transforms.v2's MixUp and CutMix do exactly that; the neighbour is
 the next image of a shuffled batch where timm takes the mirrored batch, a pairing as random.
+
+Each batch's draws (mixed or not, which of the two, lam, the box) come from a generator seeded
+by (seed, epoch, batch, rank), so that a run resumed part-way through an epoch mixes its
+batches as an uninterrupted run did, on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 from torchvision.transforms import v2
 
 from resnet_lightning.errors import InvalidArgument
+
+from .sampling import MIXING_STREAM, run_seed, stream_seed
 
 
 def batch_mixer(
@@ -40,10 +46,11 @@ def batch_mixer(
         if not 0 <= prob <= 1:
             raise InvalidArgument(name, prob, "is a probability: it must be in [0, 1]")
     mixers = []
+    # float: torch's Beta distribution cannot sample from an integer alpha (`cutmix_alpha=1`).
     if mixup_alpha > 0:
-        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        mixers.append(v2.MixUp(alpha=float(mixup_alpha), num_classes=num_classes))
     if cutmix_alpha > 0:
-        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        mixers.append(v2.CutMix(alpha=float(cutmix_alpha), num_classes=num_classes))
     if not mixers:
         return None
     mixer = mixers[0]
@@ -68,4 +75,11 @@ class MixedTrainingBatches:
         if isinstance(batch, torch.Tensor):
             return batch
         images, labels = batch
-        return self.mixer(images, labels)
+        # Lightning counts the batch as ready just after this hook: its index in the epoch is
+        # one past the last one counted (the count a mid-epoch checkpoint restores).
+        number = trainer.fit_loop.batch_idx + 1
+        key = (MIXING_STREAM, trainer.current_epoch, number, trainer.global_rank)
+        # torchvision's mixers draw on the CPU from the global generator, and take no other.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(stream_seed(run_seed(), *key))
+            return self.mixer(images, labels)

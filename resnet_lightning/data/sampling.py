@@ -1,5 +1,6 @@
-"""Shuffling that depends on (seed, epoch) alone, and epochs that can resume part-way, so that
-a resumed run draws what an uninterrupted one would have drawn."""
+"""Shuffling that depends on (seed, epoch) alone, random draws keyed by what they are for, and
+epochs that can resume part-way, so that a resumed run draws what an uninterrupted one would
+have drawn."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
+
+# The streams drawn from a run's seed by `stream_seed`, kept apart by their first key.
+AUGMENTATION_STREAM, MIXING_STREAM = 1, 2
+
+
+def stream_seed(seed: int, *key: int) -> int:
+    """A seed for a torch generator, drawn from the run's `seed` and a `key` that names what it
+    draws (a stream, an epoch, an index...): the same in any process and after a resume, and
+    independent for different keys (numpy's SeedSequence, whose spawn keys are made for this).
+    32 bits: all that torch's CPU generator keeps of a seed."""
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1)[0])
 
 
 class ResumableSampler(DistributedSampler):
@@ -53,6 +66,15 @@ class ResumableSampler(DistributedSampler):
         self._resume = (int(state["epoch"]), int(state["seen"]))
 
 
+class EpochKeyedSampler(ResumableSampler):
+    """A ResumableSampler that yields `(epoch, index)` keys, for a data set that draws each
+    item's random augmentation from them (datamodule.EpochSeededItems)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning can resume part-way through an epoch: it saves
     `state_dict()` in a mid-epoch checkpoint and hands it back on resume, and the sampler
@@ -63,11 +85,15 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __iter__(self) -> Iterator[Any]:
-        return self._counted(super().__iter__())
+        return self._counted()
 
-    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+    def _counted(self) -> Iterator[Any]:
+        # A generator: the DataLoader's own iterator, whose workers start fetching at once, is
+        # made when the first batch is asked for. Lightning iterates the loader earlier (when a
+        # schedule sizes itself from the data: before a resumed position is handed back, before
+        # the epoch is set); workers started then would fetch from the epoch's start.
         self._given = None
-        for n, batch in enumerate(batches, start=1):
+        for n, batch in enumerate(super().__iter__(), start=1):
             # The sampler has started this epoch (and knows its resumed start) by now.
             self._given = getattr(self.sampler, "start", 0) + n * self.batch_size
             yield batch

@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_lightning.atomic_files import remove_leftovers
 from resnet_lightning.callbacks.checkpoints import remove_partial_checkpoints
 from resnet_lightning.errors import UsageError
 from resnet_lightning.training.config import MOVED_TARGETS
@@ -32,7 +33,9 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         return None
     if resume == "auto":
         last = last_checkpoint_path(cfg)
+        # What a killed run was writing: checkpoints, metrics.json, the callbacks' files.
         remove_partial_checkpoints(last.parent)
+        remove_leftovers(cfg.paths.output_dir)
         if not last.is_file():
             log.info("resume=auto: no %s yet, starting a fresh run", last)
             return None
