@@ -108,7 +108,7 @@ def test_wandb_writes_an_offline_run_into_each_run_directory(
 
 
 @pytest.mark.slow  # make test-all
-def test_resume_auto_continues_the_mlflow_and_wandb_runs(
+def test_resume_auto_continues_the_mlflow_wandb_and_csv_logs(
     tmp_path, data_overrides, offline_wandb, capfd, monkeypatch
 ):
     pytest.importorskip("mlflow", reason="pip install -e '.[mlflow]'")
@@ -120,7 +120,7 @@ def test_resume_auto_continues_the_mlflow_and_wandb_runs(
     args = [*TINY, *without_callbacks("last_checkpoint"), "model=resnet20", *data_overrides]
     args += ["data.batch_size=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
     args += ["trainer.num_sanity_val_steps=0", "num_threads=1"]
-    args += ["logger=[mlflow,wandb]", *store, f"hydra.run.dir={run_dir}"]
+    args += ["logger=[mlflow,wandb,csv]", *store, f"hydra.run.dir={run_dir}"]
     with monkeypatch.context() as patch:
         signal_at_step(patch, 1)
         code, stderr = run_main(args, capfd, monkeypatch)
@@ -146,6 +146,11 @@ def test_resume_auto_continues_the_mlflow_and_wandb_runs(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
     assert run.data.params["resume"] == "None"  # the parameters it started with, unchanged
+    # metrics.csv: the rows of both processes, the loss of every step once (Lightning's writer
+    # deleted the file it found, and with it steps 0-1).
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
+        logged = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    assert logged == list(range(6))
     # W&B offline: each process wrote its own folder, both of the checkpoint's run, which
     # `wandb sync` uploads as one run.
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))

@@ -434,6 +434,27 @@ def test_signal_mid_epoch_checkpoints_and_resumes_to_the_uninterrupted_result(
         assert same_as_without == (options == WORKERS)
 
 
+def test_resume_of_a_run_saved_every_n_steps_trains_no_step_more(
+    tmp_path, data_overrides, capfd, monkeypatch
+):
+    # Three batches an epoch and last.ckpt every 3 steps: each save falls on an epoch's last
+    # batch, as the kill soak's last one did. resume=auto of the finished run (as after a kill
+    # during its test) must test the same weights, not train a step more.
+    run_dir = tmp_path / "run"
+    args = [*RUN, *data_overrides, "trainer.max_epochs=2"]
+    args += ["callbacks.last_checkpoint.every_n_train_steps=3", f"hydra.run.dir={run_dir}"]
+    code, stderr = run_main(args, capfd, monkeypatch)
+    assert code == 0, stderr
+    finished, trained = read_metrics(run_dir), weights(run_dir / "checkpoints" / "last.ckpt")
+    assert finished["steps"] == 6
+
+    code, stderr = run_main(["resume=auto", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    assert code == 0, stderr
+    assert read_metrics(run_dir) == finished
+    resumed = weights(run_dir / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(resumed[k], trained[k]) for k in trained)
+
+
 @pytest.mark.parametrize("during", ["validation", "testing"])
 def test_signal_outside_training_steps_exits_non_zero_and_says_what_was_kept(
     during, tmp_path, data_overrides, capfd, monkeypatch

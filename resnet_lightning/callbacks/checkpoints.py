@@ -4,6 +4,8 @@
   same folder and renaming it, so `last.ckpt` is always either the old or the new complete file.
 - `load_checkpoint_file`: `torch.load(weights_only=True)` with one-line errors for a corrupt
   file or one that would execute code.
+- `LastCheckpoint`: Lightning's ModelCheckpoint for `last.ckpt`, which with
+  `every_n_train_steps` also saves at each epoch's end.
 - `RunRecord`: a callback that stores the run's resolved config and class names in every
   checkpoint, so `resnet_lightning.eval` rebuilds the model the run trained, not today's defaults,
   and the MLflow and W&B runs it logs to, so `resume=auto` continues them.
@@ -20,6 +22,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from torch import nn
 
@@ -147,6 +150,24 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], path: _
 def remove_partial_checkpoints(folder: Path) -> None:
     """Delete the temporary files of saves that were killed before they finished."""
     remove_leftovers(folder, PARTIAL_SUFFIX)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for `last.ckpt`. With `every_n_train_steps` it saves every N
+    steps and at each epoch's end, after the epoch's validation, but never on an epoch's last
+    batch: Lightning resumes a checkpoint saved on an epoch's last batch, before the epoch
+    ended, by training a step that the run it came from never trained (tests/test_kill_soak.py
+    found it: each `resume=auto` of a finished run added a step)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self._every_n_train_steps:
+            self._every_n_epochs = 1  # Lightning's constructor takes the two as exclusive
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        batch_idx = args[-1] if args else kwargs["batch_idx"]
+        if batch_idx + 1 < trainer.num_training_batches:  # the epoch's end saves its last
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 class RunRecord(L.Callback):
