@@ -153,6 +153,26 @@ def train_loss_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
+def run_together(commands: list[list[str]], timeout: float) -> list[str]:
+    """Start `commands` (each a whole command line) at once from the repository and wait for
+    all; their outputs, after every one succeeded."""
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for command in commands
+    ]
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    failed = [out[-3000:] for p, out in zip(processes, outputs, strict=True) if p.returncode != 0]
+    assert not failed, failed
+    return outputs
+
+
 def run_main(args: list[str], capfd, monkeypatch) -> tuple[int, str]:
     """The CLI's entry point with `args` as its command line, in this process (no interpreter
     start-up): the exit code and everything written to stderr."""

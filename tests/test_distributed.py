@@ -25,7 +25,15 @@ import torch
 import yaml
 
 from resnet_lightning.tools.evaluate import evaluate
-from tests.cli_harness import REPO, TINY, cli_env, free_port, run_cli, without_callbacks
+from tests.cli_harness import (
+    REPO,
+    TINY,
+    cli_env,
+    free_port,
+    run_cli,
+    run_together,
+    without_callbacks,
+)
 from tests.test_loggers import mlflow_overrides, the_mlflow_run
 from tests.test_resume_eval import read_metrics, weights
 from tests.test_train_cli import scalar_tags
@@ -183,32 +191,10 @@ def torchrun_two_nodes(args: list[str]) -> list[str]:
     """`python -m resnet_lightning ARGS` as two single-process torchrun "nodes" over localhost;
     their outputs, after both succeeded."""
     port = free_port()
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "-m",
-                "resnet_lightning",
-                *args,
-            ],
-            cwd=REPO,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
-    return outputs
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    torchrun += ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    nodes = [[*torchrun, f"--node-rank={rank}", "-m", "resnet_lightning", *args] for rank in (0, 1)]
+    return run_together(nodes, 300)
 
 
 def test_two_torchrun_nodes_train_one_run(ddp_sweep, tmp_path, data_overrides):

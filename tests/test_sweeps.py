@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,14 @@ from resnet_lightning.callbacks.checkpoints import load_checkpoint_file
 from resnet_lightning.tools.report.cli import main as report_main
 from resnet_lightning.tools.report.runs import find_runs
 from resnet_lightning.tools.report.summary import plot_validation_curves
-from tests.cli_harness import REPO, TINY, cli_env, run_cli, run_main, without_callbacks
+from tests.cli_harness import (
+    REPO,
+    TINY,
+    run_cli,
+    run_main,
+    run_together,
+    without_callbacks,
+)
 
 optuna = pytest.importorskip("optuna", reason="pip install -e '.[sweep]'")
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[sweep]'")
@@ -145,19 +151,8 @@ def test_two_sweepers_share_one_study_in_a_journal_file(tmp_path, data_overrides
     args = [*SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={journal}"]
     args += [*QUICK, *data_overrides, f"hydra.sweep.dir={sweep}"]
     # Two processes at once, each with its own sampler seed (else they draw the same trials).
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "resnet_lightning", *args, f"hydra.sweeper.sampler.seed={s}"],
-            cwd=REPO,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for s in (1, 2)
-    ]
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], outputs
+    command = [sys.executable, "-m", "resnet_lightning", *args]
+    outputs = run_together([[*command, f"hydra.sweeper.sampler.seed={s}"] for s in (1, 2)], 600)
 
     trials = load_trials(journal)
     assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(4)]
