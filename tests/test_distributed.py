@@ -168,10 +168,10 @@ def test_ddp_jobs_of_a_configured_sweep_run_their_trial_and_leave_nothing(
         log = output.read()[-3000:]
     assert code == 0, log
     assert not left, f"processes of the sweep left running: {left}"
-    # Nothing written outside the sweep, as a rank that swept by itself would. (Composing a
-    # config that sets hydra.sweep.dir leaves an empty outputs/multirun/<time>/: OmegaConf's
-    # merge resolves the unique_dir it replaces. Another matter.)
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and sweep not in p.parents]
+    # Nothing written outside the sweep, as a rank that swept by itself would, and no empty
+    # folder: the default sweep directory that composing each job's config created (OmegaConf's
+    # merge resolves the unique_dir that the search's hydra.sweep.dir replaces) is removed.
+    written = [p for p in tmp_path.rglob("*") if p != sweep and sweep not in p.parents]
     assert written == [tmp_path / "output.txt"]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]

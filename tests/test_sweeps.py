@@ -49,7 +49,11 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path, data_overr
     sweep = tmp_path / "search"
     # The recipe's search space, three trials (two random, one from TPE's model).
     args = [*SEARCH, "hydra.sweeper.n_trials=3"]
-    run_cli([*args, *QUICK, *data_overrides, f"hydra.sweep.dir={sweep}"], cwd=REPO)
+    run_cli([*args, *QUICK, *data_overrides, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    # Nothing beside the sweep: composing each trial's config creates the default sweep
+    # directory (OmegaConf's merge resolves the unique_dir that hydra.sweep.dir replaces), and
+    # the job removes it again.
+    assert list(tmp_path.iterdir()) == [sweep]
 
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     # Without hydra.sweeper.storage the study is a journal file in the sweep directory; each
@@ -143,6 +147,13 @@ def test_pruned_trials_stop_keep_their_checkpoint_and_the_study_continues(
         assert checkpoint["epoch"] == 0 and "test/acc" in metrics
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_trial"] is None and results["trials"]["pruned"] == 2
+    # The sweep's summary says which trials were pruned, and after which epoch.
+    assert report_main([str(sweep)]) == 0
+    with (sweep / "summary.csv").open(newline="") as f:
+        assert {row["job"]: row["pruned_after_epoch"] for row in csv.DictReader(f)} == {
+            "0": "1",
+            "1": "1",
+        }
 
 
 @pytest.mark.slow  # make test-all
@@ -176,10 +187,58 @@ def test_two_sweepers_share_one_study_in_a_journal_file(tmp_path, data_overrides
     assert results["best_params"] == study.best_params
     assert report_main([str(sweep)]) == 0
     with (sweep / "summary.csv").open(newline="") as f:
-        rows = {row["job"]: float(row["val/acc"]) for row in csv.DictReader(f)}
+        table = list(csv.DictReader(f))
+    rows = {row["job"]: float(row["val/acc"]) for row in table}
+    assert "pruned_after_epoch" not in table[0]  # no pruner, no column
     assert len(rows) == 4 and rows[str(study.best_trial.number)] == max(rows.values())
 
     # The same command again: the study has its 4 trials, one line says so, nothing runs.
     again = run_cli([*args, "hydra.sweeper.sampler.seed=1"], cwd=REPO)
     assert "has 4 trials of n_trials=4 already: nothing to run" in again.stdout
     assert len(load_trials(journal)) == 4
+
+
+@pytest.mark.slow  # make test-all
+@pytest.mark.parametrize("sampler", ["cmaes", "gp"])
+def test_model_based_samplers_draw_the_trials_of_a_search(sampler, tmp_path, data_overrides):
+    sweep = tmp_path / sampler
+    # One random start-up trial, then two that the sampler's model proposes.
+    args = ["hparams_search=optuna", f"hydra/sweeper/sampler={sampler}"]
+    args += ["hydra.sweeper.sampler.n_startup_trials=1", "hydra.sweeper.n_trials=3"]
+    run_cli([*args, *QUICK, *data_overrides, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    trials = load_trials(sweep / "optuna_journal.log")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+
+    # The same sampler (the config's class and seed), told the same values, proposes the same
+    # trials: the search's trials were drawn by it, not by the default TPE.
+    cls = {"cmaes": optuna.samplers.CmaEsSampler, "gp": optuna.samplers.GPSampler}[sampler]
+    replay = optuna.create_study(direction="maximize", sampler=cls(seed=1234, n_startup_trials=1))
+    for trial in trials:
+        proposed = replay.ask(trial.distributions)
+        assert proposed.params == pytest.approx(trial.params)
+        replay.tell(proposed, trial.value)
+
+
+@pytest.mark.slow  # make test-all
+def test_two_objectives_in_a_sqlite_study_with_jobs_side_by_side(tmp_path, data_overrides):
+    sweep, database = tmp_path / "pareto", tmp_path / "study.db"
+    args = ["hparams_search=optuna", "hydra/sweeper/sampler=nsgaii", "hydra/launcher=parallel"]
+    args += ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2"]
+    args += ["optimized_metric=[val/acc,wall_time_s]"]
+    args += ["hydra.sweeper.direction=[maximize,minimize]"]
+    args += [f"hydra.sweeper.storage=sqlite:///{database}"]
+    run_cli([*args, *QUICK, *data_overrides, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+
+    study = optuna.load_study(study_name="resnet_lightning", storage=f"sqlite:///{database}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    for trial in trials:
+        metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert trial.values == pytest.approx([metrics["val/acc"], metrics["wall_time_s"]])
+    # optimization_results.yaml lists the Pareto front, as the study has it.
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    front = {t.number: t.values for t in study.best_trials}
+    assert {s["trial"]: s["values"] for s in results["solutions"]} == front
+    assert results["storage"] == f"sqlite:///{database}"
+    assert not (sweep / "optuna_journal.log").exists()

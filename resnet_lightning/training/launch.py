@@ -17,11 +17,15 @@ old process group still initialized. Nor is the job's memory: its trainer, model
 module are freed before the next job starts (docs/distributed.md, memory over a sweep).
 
 Run and sweep directories are named by the second they start; `unique_dir` creates each one
-exclusively, so that runs started in the same second never share one.
+exclusively, so that runs started in the same second never share one. Composing a config also
+resolves the directories that a later config replaces (OmegaConf's merge dereferences an
+interpolation it overwrites: an experiment or search config that sets hydra.sweep.dir, once per
+sweep job): those stay empty and are removed when a job starts and when the process ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import json
@@ -44,7 +48,7 @@ JOB_ARGV_ENV = "RESNET_LIGHTNING_JOB_ARGV"
 QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-# The directories `unique_dir` created in this process, newest last.
+# The directories `unique_dir` created in this process (and their parents), newest last.
 CREATED_DIRS: list[Path] = []
 
 
@@ -60,7 +64,9 @@ def unique_dir(path: str) -> str:
     if launched_rank() > 0:
         return path
     base = Path(path)
+    missing = [folder for folder in [base.parent, *base.parent.parents] if not folder.exists()]
     base.parent.mkdir(parents=True, exist_ok=True)
+    CREATED_DIRS.extend(reversed(missing))  # the outermost first
     for n in itertools.count():
         candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
         try:
@@ -73,6 +79,24 @@ def unique_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+
+
+def remove_unused_dirs(*in_use: Path) -> None:
+    """Remove the directories `unique_dir` created in this process (and the parents it created)
+    that are still empty and hold none of `in_use`."""
+    keep = {Path(path).resolve() for path in in_use}
+    keep |= {parent for path in keep for parent in path.parents}
+    for folder in reversed(list(CREATED_DIRS)):  # the innermost first
+        if folder.resolve() in keep:
+            continue
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            continue
+        CREATED_DIRS.remove(folder)
+
+
+atexit.register(remove_unused_dirs)
 
 
 def process_overrides(argv: list[str]) -> list[str]:
@@ -110,6 +134,7 @@ def hydra_job() -> Iterator[None]:
     for the ranks Lightning will start, and afterwards restores the environment and destroys
     the process group."""
     hydra = HydraConfig.get()
+    remove_unused_dirs(Path(hydra.runtime.output_dir))
     # Lightning's launcher reads hydra.run.dir for the ranks' command line: in a multirun that
     # would resolve (and create, unique_dir) a run directory of its own.
     with read_write(hydra.run):

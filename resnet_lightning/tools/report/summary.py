@@ -58,11 +58,17 @@ def budget_minutes(run: Run) -> float | None:
     return run.metrics["budget_s"] / 60 if has_budget(run) else None
 
 
+def was_pruned(run: Run) -> bool:
+    return bool(run.metrics and run.metrics.get("pruned"))
+
+
 def summary_rows(runs: list[Run]) -> list[dict[str, object]]:
     """Per job: the overrides that differ between jobs, then its final metrics (and its time
-    budget's, when any job had one); sorted by test accuracy, unfinished jobs last."""
+    budget's, when any job had one; the epoch it was pruned after, when any job was pruned);
+    sorted by test accuracy, unfinished jobs last."""
     varying = varying_overrides(runs)
     budgets = any(has_budget(run) for run in runs)
+    pruning = any(was_pruned(run) for run in runs)
     rows = []
     for run in runs:
         metrics = run.metrics or {}
@@ -74,6 +80,10 @@ def summary_rows(runs: list[Run]) -> list[dict[str, object]]:
         if budgets:
             row["budget_min"] = budget_minutes(run)
             row |= {key: metrics.get(key) for key in ("budget_used_s", "epochs_done")}
+        if pruning:  # None (shown as a dash) for the trials that ran to the end
+            row["pruned_after_epoch"] = (
+                metrics.get("pruned_after_epoch") if was_pruned(run) else None
+            )
         rows.append(row)
     return sorted(rows, key=lambda r: -r["test/acc"] if r["test/acc"] is not None else 1.0)
 
@@ -220,6 +230,9 @@ def write_summary(directory: str | Path, out: Path | None = None) -> list[Path]:
             "epochs it trained."
         )
         sections.append(time_to_accuracy_section(runs))
+    if any(was_pruned(run) for run in runs):
+        formats["pruned_after_epoch"] = str
+        text += "\nThen the epoch after which the sweeper's pruner stopped the trial (—: none)."
     notes = ""
     if unfinished:
         notes = f"No metrics.json (failed or still running): {', '.join(unfinished)}."
