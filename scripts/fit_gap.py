@@ -14,6 +14,7 @@ import sys
 from itertools import islice
 
 import torch
+from torch.optim.swa_utils import update_bn
 
 from resnet_lightning.tools.evaluate import load_trained_run
 from resnet_lightning.training.config import instantiate_group
@@ -30,17 +31,6 @@ def accuracy(module, loader, batches: int, tta: bool) -> float:
     return right / total
 
 
-@torch.no_grad()
-def recompute_batch_norm(module, loader, batches: int) -> None:
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-            layer.reset_running_stats()
-            layer.momentum = None  # the plain average of every batch
-    module.train()
-    for images, _ in islice(loader, batches):
-        module(images)
-
-
 def main(ckpt_path: str, batches: int = 40) -> None:
     run = load_trained_run(ckpt_path, ["data.augment=false"])
     module = run.module
@@ -53,7 +43,7 @@ def main(ckpt_path: str, batches: int = 40) -> None:
     print(f"test, no TTA: {accuracy(module, test, everything, False):.2%}")
     print(f"test, the run's TTA: {accuracy(module, test, everything, True):.2%}")
     print(f"train, {batches} batches, un-augmented: {accuracy(module, train, batches, False):.2%}")
-    recompute_batch_norm(module, train, batches)
+    update_bn(islice(train, batches), module)  # a plain average over those batches
     print(
         f"test after BatchNorm statistics of those batches, no TTA: "
         f"{accuracy(module, test, everything, False):.2%}, TTA: "
