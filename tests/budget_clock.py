@@ -19,14 +19,24 @@ class FakeClock:
 
 class StepSeconds(L.Callback):
     """Each training step takes `seconds` of FakeClock (`slow_seconds` from the step numbered
-    `slow_from`, counting from 0, on); records (step, position, lr) of every step in
-    `StepSeconds.steps`."""
+    `slow_from`, counting from 0, on), the test `test_seconds`; records (step, position, lr)
+    of every step in `StepSeconds.steps`."""
 
     steps: list[tuple[int, float, float]] = []
 
-    def __init__(self, seconds: float = 1.0, slow_from: int = -1, slow_seconds: float = 1.0):
+    def __init__(
+        self,
+        seconds: float = 1.0,
+        slow_from: int = -1,
+        slow_seconds: float = 1.0,
+        test_seconds: float = 0.0,
+    ):
         self.seconds, self.slow_from, self.slow_seconds = seconds, slow_from, slow_seconds
+        self.test_seconds = test_seconds
         StepSeconds.steps = []
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        FakeClock.now += self.test_seconds
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         position = find_time_budget(trainer).position

@@ -101,6 +101,43 @@ def test_slower_steps_still_end_annealed_at_the_budget(
 
 
 @pytest.mark.parametrize(
+    ("slow_from", "speed_change", "factor"),
+    [(30, 2.0, 2.2), (85, 2.0, 2.2), (30, 0.8, 1.1)],
+)
+def test_the_reserve_grows_when_the_steps_slow_down(
+    slow_from, speed_change, factor, tmp_path, data_overrides, capfd, monkeypatch
+):
+    """A machine that slows down mid-run (2 s a step from step 30 or 85 on, not 1) runs the
+    final test slower too: the reserve grows with the step time and the whole run still
+    ends inside the budget. A reserve fixed at the start would overrun it (30 + 38 steps, or
+    85 + 11, then a 20 s test: 126 s of 120), and so would one that noticed the late
+    slowdown only after half of 25 steps. The reserve keeps its 1.1 margin over the drift; a
+    speed-up gives nothing back."""
+    measured = 10.0
+    monkeypatch.setattr(time_budget, "evaluation_seconds", lambda *args, **kwargs: measured)
+    test_seconds = measured * speed_change  # the test runs at the machine's speed at the end
+    metrics = fake_clock_run(
+        tmp_path,
+        data_overrides,
+        capfd,
+        monkeypatch,
+        "budget=2m",
+        f"+callbacks.clock.slow_from={slow_from}",
+        f"+callbacks.clock.slow_seconds={speed_change}",
+        f"+callbacks.clock.test_seconds={test_seconds}",
+    )
+    assert metrics["budget_drift"] == pytest.approx(speed_change)
+    reserve = measured * factor + time_budget.FIXED_MARGIN_S
+    assert metrics["budget_reserve_s"] == pytest.approx(reserve, abs=0.01)
+    # Training ended at the first step past budget - reserve; then the test ran.
+    ended = 120 - reserve + test_seconds
+    assert ended - 0.01 <= metrics["budget_used_s"] <= min(ended + speed_change + 0.01, 120)
+    positions = [position for _, position, _ in StepSeconds.steps]
+    assert positions == sorted(positions)
+    assert StepSeconds.steps[-1][2] < LR * speed_change / (120 - reserve) + LR / 2500
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [
         ("budget=0", "budget.minutes=0 must be a positive duration"),

@@ -3,10 +3,12 @@
 A budget covers the command from process start to metrics.json: start-up, data caching,
 training, the final validation and test. Training gets what is left after start-up and the
 final evaluation, whose time is measured on a few batches before the first step and kept
-back. The learning-rate schedule then runs on the fraction of that training time spent (its
-`position`), not on epochs or steps, so the anneal completes when the budget runs out
-whatever the throughput does: a slower step moves the position further, a faster one less
-(Li, Yumer & Ramanan, "Budgeted Training", ICLR 2020, decay to zero at the budget's end).
+back (and more when the steps slow down during the run: the evaluation will run at that
+speed too). The learning-rate schedule then runs on the fraction of that training time
+spent (its `position`), not on epochs or steps, so the anneal completes when the budget
+runs out whatever the throughput does: a slower step moves the position further, a faster
+one less (Li, Yumer & Ramanan, "Budgeted Training", ICLR 2020, decay to zero at the
+budget's end).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +29,23 @@ from resnet_lightning.errors import InvalidArgument, UsageError
 
 log = logging.getLogger(__name__)
 # Kept back beyond the measured evaluation: checkpoint writes at the end of training, the
-# test's set-up, metrics.json, loggers closing (seconds), and the estimate's own error.
+# test's set-up, metrics.json, loggers closing (seconds), and the estimate's own error (this
+# host's speed wanders by 10-20% from one minute to the next).
 EVAL_MARGIN = 1.1
 FIXED_MARGIN_S = 3.0
+# A slowdown during training (another job on the cores, a throttled CPU) slows the final
+# test too, as much or more: the reserve scales with the steps' drift, margin kept. The
+# drift: the latest steps' median time against the median of the REFERENCE_STEPS steps after
+# the first (the ones nearest the evaluation's measurement; the first pays warm-up). Medians,
+# so that an epoch's boundary (loader workers starting, a validation) moves nothing; the
+# median of SLOWDOWN_WINDOW steps, so that a late slowdown counts within three steps, when
+# its time can still be kept; the median of DRIFT_WINDOW too, so that one that has lasted is
+# not forgotten at once. Speed-ups give nothing back: on a shared host they are noise-level,
+# and an overrun breaks the budget's promise.
+REFERENCE_STEPS = 10
+SLOWDOWN_WINDOW = 5
+DRIFT_WINDOW = 25
+MAX_DRIFT = 3.0
 
 
 def process_start_time() -> float:
@@ -93,6 +111,11 @@ class TimeBudget(L.Callback):
         self.used_before_s = 0.0  # by earlier processes of a resumed run
         self.train_start_s: float | None = None  # budget time used when training began
         self.reserve_s = 0.0  # kept back for the final evaluation
+        self.measured_eval_s = 0.0  # the evaluation's time measured before the first step
+        self.drift = 1.0  # the latest steps' time / the time of those near that measurement
+        self._last_step_end: float | None = None
+        self._reference_steps: list[float] = []
+        self._recent_steps: deque[float] = deque(maxlen=DRIFT_WINDOW)
         self.position = 0.0
         # Set by the LightningModule when it builds the optimizer: anything with
         # `apply(position)` that sets the learning rates (training.position_schedule).
@@ -109,9 +132,9 @@ class TimeBudget(L.Callback):
     def training_seconds_left(self) -> float:
         return max(self.budget_s - self.reserve_s - self.used_s(), 0.0)
 
-    def _time_fraction(self) -> float:
-        available = self.budget_s - self.reserve_s - self.train_start_s
-        return (self.used_s() - self.train_start_s) / available
+    def _time_fraction(self, reserve: float) -> float:
+        available = self.budget_s - reserve - self.train_start_s
+        return (self.used_s() - self.train_start_s) / available if available > 0 else 1.0
 
     def _limit_fraction(self, trainer: L.Trainer) -> float:
         """How far the Trainer's own limits are: steps of max_steps, epochs of max_epochs."""
@@ -128,11 +151,12 @@ class TimeBudget(L.Callback):
         if math.isfinite(trainer.num_training_batches):
             self._steps_per_epoch = max(math.ceil(trainer.num_training_batches / accumulate), 1)
         measured = evaluation_seconds(trainer, pl_module) if trainer.is_global_zero else 0.0
-        reserve = measured * EVAL_MARGIN + FIXED_MARGIN_S
         used = self.used_s()
         # Rank 0's numbers for every rank: they decide together.
-        reserve, used = trainer.strategy.broadcast((reserve, used), src=0)
-        self.reserve_s = reserve
+        measured, used = trainer.strategy.broadcast((measured, used), src=0)
+        self.measured_eval_s = measured
+        self.reserve_s = reserve = self._reserve()
+        self._last_step_end = self.clock()
         if self.train_start_s is None:
             self.train_start_s = used
         minimum = used + reserve
@@ -160,6 +184,7 @@ class TimeBudget(L.Callback):
         self._apply_schedule()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._time_step()
         self.position = self._compute_position(trainer)
         if self.position >= 1.0:
             trainer.should_stop = True
@@ -169,14 +194,47 @@ class TimeBudget(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.train_end_s is None:
             self.train_end_s = self.used_s()
+        if trainer.is_global_zero and abs(self.drift - 1) > 0.1:
+            log.info(
+                "The last steps took %.2f times as long as the early ones: %.0f s kept for the "
+                "final evaluation (measured %.0f s before the first step)",
+                self.drift,
+                self.reserve_s,
+                self.measured_eval_s,
+            )
 
     def _apply_schedule(self) -> None:
         if self.schedule is not None:
             self.schedule.apply(self.position)
 
+    def _reserve(self) -> float:
+        return self.measured_eval_s * max(self.drift, 1.0) * EVAL_MARGIN + FIXED_MARGIN_S
+
+    def _time_step(self) -> None:
+        """Times the step that just ended and updates the drift (each rank its own; rank 0's
+        reserve is the one broadcast)."""
+        now = self.clock()
+        if self._last_step_end is not None:
+            seconds = now - self._last_step_end
+            self._recent_steps.append(seconds)
+            if len(self._reference_steps) <= REFERENCE_STEPS:
+                self._reference_steps.append(seconds)
+            if len(self._reference_steps) > REFERENCE_STEPS:
+                self.drift = self._drift()
+        self._last_step_end = now
+
+    def _drift(self) -> float:
+        reference = statistics.median(self._reference_steps[1:])
+        recent = list(self._recent_steps)
+        latest = max(statistics.median(recent[-SLOWDOWN_WINDOW:]), statistics.median(recent))
+        return min(latest / reference, MAX_DRIFT) if reference > 0 else 1.0
+
     def _compute_position(self, trainer: L.Trainer) -> float:
-        position = max(self._time_fraction(), self._limit_fraction(trainer))
-        return min(max(trainer.strategy.broadcast(position, src=0), 0.0), 1.0)
+        reserve = self._reserve()
+        position = max(self._time_fraction(reserve), self._limit_fraction(trainer))
+        position, self.reserve_s = trainer.strategy.broadcast((position, reserve), src=0)
+        # Never back: a reserve that shrinks (a slowdown that passed) leaves the position.
+        return min(max(position, self.position, 0.0), 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -202,6 +260,7 @@ class TimeBudget(L.Callback):
             "budget_start_s": round(self.train_start_s or 0.0, 2),
             "budget_train_s": round((self.train_end_s or 0.0) - (self.train_start_s or 0.0), 2),
             "budget_reserve_s": round(self.reserve_s, 2),
+            "budget_drift": round(self.drift, 3),
             "epochs_done": round(steps / self._steps_per_epoch, 3)
             if math.isfinite(self._steps_per_epoch)
             else float("nan"),
