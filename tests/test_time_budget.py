@@ -216,7 +216,10 @@ def test_a_run_stopped_mid_budget_resumes_the_same_budget(tmp_path, data_overrid
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # The two processes together took the budget (the gap between them is not counted).
     assert first_wall + second_wall <= 120 * 1.05
-    assert metrics["budget_used_s"] == pytest.approx(first_wall + second_wall, abs=4)
+    # Both processes are counted, up to what neither can record: each one's exit after its
+    # last write (2 s each on a slow 2-core machine), far less than the first one's 45 s.
+    walls = first_wall + second_wall
+    assert walls - 10 <= metrics["budget_used_s"] <= walls
     assert metrics["budget_used_s"] <= 120 * 1.05
 
 
