@@ -5,20 +5,25 @@
 # clock (docs/experiments.md, "The budget when the machine slows down"):
 #
 #   CIFAR10_PATH=../shared/data/cifar10-jpeg.tar.gz scripts/budget_under_load.sh [MINUTES] [BUSY_AT]
+#
+# From the repository root; PY picks the interpreter (default: make install's .venv).
 set -euo pipefail
+py=${PY:-.venv/bin/python}
+command -v "$py" >/dev/null ||
+  { echo "budget_under_load.sh: no Python at $py: run make install, or set PY=<python>" >&2; exit 2; }
 minutes=${1:-5}
 busy_at=${2:-150}
 run_dir=$(mktemp -d -t budget_under_load.XXXX)
 if [[ $busy_at != never ]]; then
-  (sleep "$busy_at" && exec python -c "while True: pass") &
+  (sleep "$busy_at" && exec "$py" -c "while True: pass") &
   busy=$!
   trap 'kill $busy 2>/dev/null || true' EXIT  # the busy loop has the subshell's pid (exec)
 fi
 /usr/bin/time -f "%e s wall clock, %M KB peak" -o "$run_dir/time.txt" \
-  python -m resnet_lightning experiment=cpu_quick seed=0 budget.minutes="$minutes" \
+  "$py" -m resnet_lightning experiment=cpu_quick seed=0 budget.minutes="$minutes" \
   trainer.enable_progress_bar=false hydra.run.dir="$run_dir/run" >"$run_dir/log.txt" 2>&1 ||
   { tail -5 "$run_dir/log.txt"; exit 1; }
-python - "$run_dir" "$busy_at" <<'PY'
+"$py" - "$run_dir" "$busy_at" <<'PY'
 import json, sys
 from pathlib import Path
 run = Path(sys.argv[1])

@@ -154,9 +154,12 @@ class TimeBudget(L.Callback):
         used = self.used_s()
         # Rank 0's numbers for every rank: they decide together.
         measured, used = trainer.strategy.broadcast((measured, used), src=0)
-        self.measured_eval_s = measured
-        self.reserve_s = reserve = self._reserve()
+        # The drift is against steps near this measurement: a new one starts it over.
+        self.measured_eval_s, self.drift = measured, 1.0
+        self._reference_steps.clear()
+        self._recent_steps.clear()
         self._last_step_end = self.clock()
+        self.reserve_s = reserve = self._reserve()
         if self.train_start_s is None:
             self.train_start_s = used
         minimum = used + reserve
