@@ -41,6 +41,8 @@ PARAMETER_COUNTS = {
     ("resnext29_16x64d", 10): 68_155_210,
     ("wrn28_10", 10): 36_479_194,
     ("densenet_bc100", 10): 769_162,
+    ("airbench93", 10): 569_656,
+    ("airbench93_res", 10): 569_656,
     ("airbench94", 10): 1_972_792,
     ("airbench94_res", 10): 1_972_792,
 }
@@ -133,26 +135,31 @@ def test_resnet_d_averages_before_projecting_and_uses_the_deep_stem():
     assert isinstance(pool, nn.AvgPool2d) and conv.stride == (1, 1)
 
 
-def test_airbench94_counts_from_its_layer_shapes():
-    """airbench94's parameters and MACs from its layers' shapes (Jordan 2024: whitening 2x2
-    conv 3 -> 24, convs of 64/256/256 channels at 31 -> 15 -> 7 -> 3 px, a 256 x 10 head)."""
-    convs = [(24, 64), (64, 64), (64, 256), (256, 256), (256, 256), (256, 256)]
+@pytest.mark.parametrize(
+    ("name", "width", "expected_macs"),
+    [("airbench94", 256, 118_147_360), ("airbench93", 128, 54_223_904)],
+)
+def test_airbench_counts_from_its_layer_shapes(name, width, expected_macs):
+    """airbench's parameters and MACs from its layers' shapes (Jordan 2024: whitening 2x2
+    conv 3 -> 24, convs of 64/width/width channels at 31 -> 15 -> 7 -> 3 px, a width x 10
+    head; airbench94's width is 256, airbench93's 128)."""
+    convs = [(24, 64), (64, 64), (64, width), (width, width), (width, width), (width, width)]
     whitening = 24 * 3 * 2 * 2 + 24  # frozen filters, trainable bias
     batch_norms = 2 * sum(out for _, out in convs)  # weight (frozen at 1) and bias
-    params = whitening + sum(9 * i * o for i, o in convs) + batch_norms + 256 * 10
+    params = whitening + sum(9 * i * o for i, o in convs) + batch_norms + width * 10
     # Each block's first conv runs before its pool, the second after it.
     sides = [31, 15, 15, 7, 7, 3]
     macs = (
         31 * 31 * 24 * 12
         + sum(s * s * 9 * i * o for s, (i, o) in zip(sides, convs, strict=True))
-        + 2560
+        + width * 10
     )
     with torch.device("meta"):
-        model = create_model("airbench94")
-    assert count_parameters(model) == params == PARAMETER_COUNTS["airbench94", 10] == 1_972_792
+        model = create_model(name)
+    assert count_parameters(model) == params == PARAMETER_COUNTS[name, 10]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert frozen == 24 * 12 + batch_norms // 2
-    assert count_macs(model, 32) == macs == 118_147_360
+    assert count_macs(model, 32) == macs == expected_macs
 
 
 def test_option_a_shortcut_is_parameter_free_zero_padding():

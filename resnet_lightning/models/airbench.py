@@ -10,6 +10,9 @@ airbench96 does over its last convs.
 airbench94 has 1,972,792 parameters (1,971,352 trainable: the whitening weights and the BN
 scales are frozen) and 118M multiply-accumulates per 32 px image; the paper quotes no count,
 but its 3.6e14 FLOPs for ~10 epochs of 50,000 images and 6-view testing agree with it.
+airbench93 (the repository's 93% variant, 11 epochs) halves the last two blocks to 128
+channels: 569,656 parameters, 54M multiply-accumulates, about twice the images a second on
+a CPU, which wins where a time budget holds few epochs (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -191,5 +194,9 @@ AIRBENCH94 = dict(
     logit_scale=1 / 9,
     dirac_init=True,
 )
+# airbench93: the same with 128-channel second and third blocks.
+AIRBENCH93 = {**AIRBENCH94, "widths": (64, 128, 128)}
+register_variant("airbench93", AIRBENCH, airbench, residual=False, **AIRBENCH93)
+register_variant("airbench93_res", AIRBENCH, airbench, residual=True, **AIRBENCH93)
 register_variant("airbench94", AIRBENCH, airbench, residual=False, **AIRBENCH94)
 register_variant("airbench94_res", AIRBENCH, airbench, residual=True, **AIRBENCH94)
