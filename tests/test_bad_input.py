@@ -74,6 +74,11 @@ def assert_one_line_error(code: int, stderr: str, expected: str, run_dir: Path) 
         ("data.pad_mode=edge", "data.pad_mode='edge' is unknown; use one of zeros, reflect"),
         ("module.norm_bias_lr_scale=0", "module.norm_bias_lr_scale=0 must be positive"),
         ("module.test_time_translate=-1", "module.test_time_translate=-1 must be >= 0 pixels"),
+        ("module.progressive_min_size=-8", "module.progressive_min_size=-8 must be >= 0 pixels"),
+        (
+            "module.progressive_ramp=[0.8,0.4]",
+            "module.progressive_ramp=[0.8, 0.4] must be two positions 0 <= start <= end <= 1",
+        ),
         ("trainer.devices=0", "Trainer(devices=0)"),
         ("trainer.precision=bf17-mixed", "trainer: Precision 'bf17-mixed' is invalid. Allowed"),
         ("trainer=ddp", "no CUDA GPU; use trainer=cpu, or trainer=ddp_cpu for DDP on the CPU"),

@@ -100,6 +100,27 @@ def test_slower_steps_still_end_annealed_at_the_budget(
     assert steps[-1][2] < 3 * LR / available + LR / 2500
 
 
+MEASURED_TEST_S = 10.0
+
+
+def slowed_run(tmp_path, data_overrides, capfd, monkeypatch, slow_from, slow_seconds, *extra):
+    """A 2-minute fake-clock run whose final evaluation measures MEASURED_TEST_S before the
+    first step; its steps take `slow_seconds` from step `slow_from` on (1 s before), and the
+    test runs at the machine's speed at the end (MEASURED_TEST_S x slow_seconds)."""
+    monkeypatch.setattr(time_budget, "evaluation_seconds", lambda *a, **kw: MEASURED_TEST_S)
+    return fake_clock_run(
+        tmp_path,
+        data_overrides,
+        capfd,
+        monkeypatch,
+        "budget=2m",
+        f"+callbacks.clock.slow_from={slow_from}",
+        f"+callbacks.clock.slow_seconds={slow_seconds}",
+        f"+callbacks.clock.test_seconds={MEASURED_TEST_S * slow_seconds}",
+        *extra,
+    )
+
+
 @pytest.mark.parametrize(
     ("slow_from", "speed_change", "factor"),
     [(30, 2.0, 2.2), (85, 2.0, 2.2), (30, 0.8, 1.1)],
@@ -113,19 +134,8 @@ def test_the_reserve_grows_when_the_steps_slow_down(
     85 + 11, then a 20 s test: 126 s of 120), and so would one that noticed the late
     slowdown only after half of 25 steps. The reserve keeps its 1.1 margin over the drift; a
     speed-up gives nothing back."""
-    measured = 10.0
-    monkeypatch.setattr(time_budget, "evaluation_seconds", lambda *args, **kwargs: measured)
-    test_seconds = measured * speed_change  # the test runs at the machine's speed at the end
-    metrics = fake_clock_run(
-        tmp_path,
-        data_overrides,
-        capfd,
-        monkeypatch,
-        "budget=2m",
-        f"+callbacks.clock.slow_from={slow_from}",
-        f"+callbacks.clock.slow_seconds={speed_change}",
-        f"+callbacks.clock.test_seconds={test_seconds}",
-    )
+    metrics = slowed_run(tmp_path, data_overrides, capfd, monkeypatch, slow_from, speed_change)
+    measured, test_seconds = MEASURED_TEST_S, MEASURED_TEST_S * speed_change
     assert metrics["budget_drift"] == pytest.approx(speed_change)
     reserve = measured * factor + time_budget.FIXED_MARGIN_S
     assert metrics["budget_reserve_s"] == pytest.approx(reserve, abs=0.01)
@@ -135,6 +145,53 @@ def test_the_reserve_grows_when_the_steps_slow_down(
     positions = [position for _, position, _ in StepSeconds.steps]
     assert positions == sorted(positions)
     assert StepSeconds.steps[-1][2] < LR * speed_change / (120 - reserve) + LR / 2500
+
+
+# The 32 px steps of the progressive-resizing runs below start near step 207 (16 px steps to
+# 31% of the 106 s, then 20, 24 and 28 px ones): a slowdown from step 225 comes after their
+# reference steps, one from step 50 among the 16 px ones.
+LATE, EARLY = 225, 50
+
+
+@pytest.mark.parametrize(("slow_from", "slow_seconds"), [(LATE, 1.0), (LATE, 2.0), (EARLY, 2.0)])
+def test_progressive_resizing_grows_the_images_over_the_budget(
+    slow_from, slow_seconds, tmp_path, data_overrides, capfd, monkeypatch
+):
+    """module.progressive_min_size=16: the network trains on images scaled down to 16 px until
+    25% of the budget, growing in 4 px steps to the full 32 px at 75%; validation and test see
+    full-size images. A step on smaller images takes less time (16 px: a quarter of a 32 px
+    step): the reserve's drift does not take the larger images' longer steps for a slowdown
+    (it would have kept 3 x the measured test), and a real one still grows it, whether it
+    comes among the 32 px steps or among the 16 px ones and lasts through every later size
+    (twice the seconds a step from step 225 or 50 on)."""
+    metrics = slowed_run(
+        tmp_path,
+        data_overrides,
+        capfd,
+        monkeypatch,
+        slow_from,
+        slow_seconds,
+        "module.progressive_min_size=16",
+        "module.progressive_ramp=[0.25,0.75]",
+        "+callbacks.clock.per_pixel=true",
+    )
+    steps, sizes = StepSeconds.steps, StepSeconds.sizes
+    assert len(sizes) == len(steps) == metrics["steps"]
+    for (_, position, _), (height, width) in zip(steps, sizes, strict=True):
+        ramp = min(max((position - 0.25) / 0.5, 0.0), 1.0)
+        assert height == width == 4 * round((16 + 16 * ramp) / 4), position
+    assert [height for height, _ in sizes] == sorted(height for height, _ in sizes)
+    assert {height for height, _ in sizes} == {16, 20, 24, 28, 32}
+    if slow_from == LATE:
+        assert set(sizes[LATE - 12 :]) == {(32, 32)}
+    else:
+        assert sizes[EARLY - 12 : EARLY + 12] == [(16, 16)] * 24
+    assert StepSeconds.eval_sizes == {(32, 32)}
+    assert metrics["budget_drift"] == pytest.approx(slow_seconds)
+    reserve = MEASURED_TEST_S * slow_seconds * time_budget.EVAL_MARGIN
+    reserve += time_budget.FIXED_MARGIN_S
+    assert metrics["budget_reserve_s"] == pytest.approx(reserve, abs=0.01)
+    assert metrics["budget_used_s"] <= 120
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,8 @@ class TimeBudget(L.Callback):
         self._last_step_end: float | None = None
         self._reference_steps: list[float] = []
         self._recent_steps: deque[float] = deque(maxlen=DRIFT_WINDOW)
+        self._image_size: Any = None  # the module's train_image_size at the last step
+        self._drift_before = 0.0  # the largest drift at an earlier image size
         self.position = 0.0
         # Set by the LightningModule when it builds the optimizer: anything with
         # `apply(position)` that sets the learning rates (training.position_schedule).
@@ -155,7 +157,8 @@ class TimeBudget(L.Callback):
         # Rank 0's numbers for every rank: they decide together.
         measured, used = trainer.strategy.broadcast((measured, used), src=0)
         # The drift is against steps near this measurement: a new one starts it over.
-        self.measured_eval_s, self.drift = measured, 1.0
+        self.measured_eval_s, self.drift, self._drift_before = measured, 1.0, 0.0
+        self._image_size = None
         self._reference_steps.clear()
         self._recent_steps.clear()
         self._last_step_end = self.clock()
@@ -187,7 +190,7 @@ class TimeBudget(L.Callback):
         self._apply_schedule()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        self._time_step()
+        self._time_step(getattr(pl_module, "train_image_size", None))
         self.position = self._compute_position(trainer)
         if self.position >= 1.0:
             trainer.should_stop = True
@@ -213,10 +216,20 @@ class TimeBudget(L.Callback):
     def _reserve(self) -> float:
         return self.measured_eval_s * max(self.drift, 1.0) * EVAL_MARGIN + FIXED_MARGIN_S
 
-    def _time_step(self) -> None:
+    def _time_step(self, image_size: Any = None) -> None:
         """Times the step that just ended and updates the drift (each rank its own; rank 0's
-        reserve is the one broadcast)."""
+        reserve is the one broadcast). A step on images of another size than the last one's
+        (progressive resizing) does other work: the drift is measured on against a new
+        reference of steps at the new size, and never falls below the largest one measured at
+        an earlier size (a slowdown under way when the size changed is in the new reference;
+        chaining the ratios instead would compound their noise, 5-10% at each change)."""
         now = self.clock()
+        if image_size != self._image_size:
+            if self._image_size is not None:
+                self._drift_before = max(self._drift_before, self.drift)
+                self._reference_steps.clear()
+                self._recent_steps.clear()
+            self._image_size = image_size
         if self._last_step_end is not None:
             seconds = now - self._last_step_end
             self._recent_steps.append(seconds)
@@ -230,7 +243,8 @@ class TimeBudget(L.Callback):
         reference = statistics.median(self._reference_steps[1:])
         recent = list(self._recent_steps)
         latest = max(statistics.median(recent[-SLOWDOWN_WINDOW:]), statistics.median(recent))
-        return min(latest / reference, MAX_DRIFT) if reference > 0 else 1.0
+        drift = latest / reference if reference > 0 else 1.0
+        return min(max(drift, self._drift_before), MAX_DRIFT)
 
     def _compute_position(self, trainer: L.Trainer) -> float:
         reserve = self._reserve()

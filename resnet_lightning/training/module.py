@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_lightning.callbacks.time_budget import find_time_budget
+from resnet_lightning.callbacks.time_budget import find_time_budget, training_position
 from resnet_lightning.errors import InvalidArgument, UsageError
 from resnet_lightning.models import get_classifier
 from resnet_lightning.training.position_schedule import PositionSchedule, tabulate_schedule
@@ -67,6 +67,14 @@ class ImageClassifier(L.LightningModule):
             shifts) as a multiple of their group's, and their weight decay divided by it, so
             that their decay per step (lr x weight decay) is unchanged: airbench trains them
             64x faster. 1: as every other parameter.
+        progressive_min_size: progressive resizing: train on images scaled down (bilinear,
+            antialiased) to this height in pixels, the width in proportion, until the first
+            position of `progressive_ramp`, growing linearly to the full size at the second;
+            validation and test at full size. 0: off.
+        progressive_ramp: the two positions in [0, 1] of training (the time budget's, or the
+            steps done of those planned) between which the images grow.
+        progressive_size_step: the sizes in between are multiples of this many pixels (fewer
+            shapes: each new one costs oneDNN or cuDNN a first slow step).
     """
 
     def __init__(
@@ -85,6 +93,9 @@ class ImageClassifier(L.LightningModule):
         no_decay_bn_bias: bool = False,
         test_time_translate: int = 0,
         norm_bias_lr_scale: float = 1.0,
+        progressive_min_size: int = 0,
+        progressive_ramp: tuple[float, float] = (0.4, 0.8),
+        progressive_size_step: int = 4,
     ):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -115,9 +126,28 @@ class ImageClassifier(L.LightningModule):
                 "cannot precede a one-cycle schedule, which warms up by itself "
                 "(scheduler.pct_start); set module.warmup_epochs=0",
             )
+        if progressive_min_size < 0:
+            raise InvalidArgument(
+                "progressive_min_size",
+                progressive_min_size,
+                "must be >= 0 pixels (0: off), e.g. 24",
+            )
+        # A plain tuple: a checkpoint holds no omegaconf objects (its loader refuses them).
+        progressive_ramp = tuple(float(p) for p in progressive_ramp)
+        if len(progressive_ramp) != 2 or not 0 <= progressive_ramp[0] <= progressive_ramp[1] <= 1:
+            raise InvalidArgument(
+                "progressive_ramp",
+                list(progressive_ramp),
+                "must be two positions 0 <= start <= end <= 1, e.g. [0.4, 0.8]",
+            )
+        if progressive_size_step < 1:
+            raise InvalidArgument(
+                "progressive_size_step", progressive_size_step, "must be >= 1 pixel, e.g. 4"
+            )
         # The network and factories are rebuilt from the run's Hydra config, not pickled here.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
+        self.train_image_size: int | None = None  # the height of the last training batch
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         # With probability targets p, CrossEntropyLoss smooths them to (1 - e) p + e / C. For
@@ -181,8 +211,44 @@ class ImageClassifier(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch, "train")
+        images, labels = batch
+        height = images.shape[-2]
+        size = self._train_size(height)
+        if size != height:
+            width = round(images.shape[-1] * size / height)
+            images = F.interpolate(
+                images, size=(size, width), mode="bilinear", antialias=True, align_corners=False
+            )
+        self.train_image_size = size  # the time budget times steps of each size apart
+        if self.hparams.progressive_min_size:
+            self.log("train/image_size", float(size))
+        loss, _ = self._step((images, labels), "train")
         return loss
+
+    def on_train_start(self) -> None:
+        if self.hparams.progressive_min_size:
+            start, end = self.hparams.progressive_ramp
+            rank_zero_info(
+                f"Progressive resizing: training images scaled to "
+                f"{self.hparams.progressive_min_size} px until {start:.0%} of training, growing "
+                f"in {self.hparams.progressive_size_step} px steps to their full size at {end:.0%}"
+            )
+
+    def _train_size(self, full: int) -> int:
+        """The size (height) to train at now: `progressive_min_size` until the first position
+        of `progressive_ramp`, growing linearly to `full` at the second, rounded to
+        `progressive_size_step`; `full` when progressive resizing is off."""
+        low = self.hparams.progressive_min_size
+        if not low or low >= full:
+            return full
+        start, end = self.hparams.progressive_ramp
+        position = training_position(self.trainer)
+        if end > start:
+            ramp = min(max((position - start) / (end - start), 0.0), 1.0)
+        else:
+            ramp = float(position >= end)
+        step = self.hparams.progressive_size_step
+        return min(max(round((low + ramp * (full - low)) / step) * step, low), full)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
