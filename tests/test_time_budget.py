@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from resnet_lightning.callbacks import time_budget
+from resnet_lightning.callbacks.time_budget import duration
 from resnet_lightning.training import train as train_module
 from tests.budget_clock import FakeClock, StepSeconds
 from tests.cli_harness import REPO, TINY, cli_env, run_cli, run_main, without_callbacks
@@ -98,6 +100,35 @@ def test_slower_steps_still_end_annealed_at_the_budget(
     assert len(steps) == 20 + math.ceil((available - 20) / 3)
     assert steps[-1][1] > 1 - 3 / available
     assert steps[-1][2] < 3 * LR / available + LR / 2500
+
+
+def test_the_run_estimate_speaks_in_budget_terms(tmp_path, data_overrides, capfd, monkeypatch):
+    """RunTimeEstimate under a budget: the training time left and the epochs it holds, after
+    the first timed steps and after the first epoch, whose time holds no validation here."""
+    monkeypatch.setattr(time_budget, "evaluation_seconds", lambda *a, **kw: 10.0)
+    estimate = "resnet_lightning.callbacks.run_estimate.RunTimeEstimate"
+    metrics = fake_clock_run(
+        tmp_path,
+        data_overrides,
+        capfd,
+        monkeypatch,
+        "budget=2m",
+        f"+callbacks.estimate._target_={estimate}",
+        "+callbacks.estimate.steps=2",
+    )
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert re.search(
+        r"Time budget: [\d a-z]+ of training left, about \d+ steps more at [\d.e-]+ s a step "
+        r"\([\d.]+ epochs in all\); then the final evaluation",
+        log,
+    ), log
+    # The first epoch ended after 25 fake seconds (one a step) of the 2 minutes less the reserve.
+    left = duration(120 - metrics["budget_reserve_s"] - 25)
+    assert re.search(
+        rf"Epoch took [\d a-z]+; the budget's {left} of training left are about [\d.]+ epochs "
+        "more",
+        log,
+    ), log
 
 
 MEASURED_TEST_S = 10.0

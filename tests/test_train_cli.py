@@ -40,7 +40,7 @@ def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_over
         and "python -m resnet_lightning experiment=cpu_quick" in shown
     )
     assert "Estimated training time:" in shown and "4 steps to go" in shown
-    assert "Epoch took" in shown and "the 1 epoch to go" in shown
+    assert "Epoch took" in shown and "with validation; the 1 epoch to go" in shown
     assert "Epoch 0/" not in shown  # epochs count from 1 on the progress bar
     assert "Total FLOPs: 0" not in shown and "Tip" not in shown
     log = (run_dir / "train.log").read_text()

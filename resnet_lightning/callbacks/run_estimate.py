@@ -100,20 +100,23 @@ class RunTimeEstimate(L.Callback):
         budget = find_time_budget(trainer)
         if budget is not None and budget.position >= 1.0:
             return  # the budget ended training within this epoch
+        # Recipes scored once at the end (limit_val_batches=0) have no validation to count.
+        validation = " with validation" if trainer.enable_validation else ""
         if budget is not None and epoch_steps > 0:
             left = budget.training_seconds_left()
             log.info(
-                "Epoch took %s with validation; the budget's %s of training left are about "
-                "%.1f epochs more",
+                "Epoch took %s%s; the budget's %s of training left are about %.1f epochs more",
                 duration(epoch_s),
+                validation,
                 duration(left),
                 left / epoch_s,
             )
         elif remaining and epoch_steps > 0:
             epochs_left = math.ceil(remaining / epoch_steps)
             log.info(
-                "Epoch took %s with validation; the %d epoch%s to go: about %s",
+                "Epoch took %s%s; the %d epoch%s to go: about %s",
                 duration(epoch_s),
+                validation,
                 epochs_left,
                 "" if epochs_left == 1 else "s",
                 duration(epoch_s * remaining / epoch_steps),
